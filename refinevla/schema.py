@@ -1,0 +1,45 @@
+"""The row schema shared by both scales (robosuite demos and LeRobot datasets).
+
+Every stage after `data` reads rows with these columns, so the teacher, fine-tuning, attention and book
+stages take either source without a branch.
+
+Conventions (one place, cited by the book):
+- ``image``: the policy camera, RGB uint8, upright (row 0 is the top of the picture).
+- ``state``: float32[8] = end-effector xyz (m, world frame), roll, pitch, yaw (rad), pad (0), gripper
+  opening in [0, 1] (1 = fully open). The layout follows BridgeData V2's 8-D state.
+- ``action``: float32[7] = dx, dy, dz, droll, dpitch, dyaw (the backend's own delta units: robosuite's
+  OSC controller input in [-1, 1], metres / radians for Bridge), gripper in [0, 1] (1 = open, 0 = close,
+  the Bridge / OpenVLA convention). Each simulator backend converts to and from its own gripper sign.
+- ``objects``: JSON list of privileged object records ``{"name", "role", "pos": [x, y, z]}`` with role in
+  {"target", "goal", "other"} (empty list when the source has no privileged state).
+- ``phase``: the scripted expert's phase at this step ("approach", "descend", "grasp", "lift", "move",
+  "place", "release", ...) or "" when unknown.
+- ``target_mask``: uint8 HxW, 255 where the target object is visible in ``image`` (robosuite segmentation),
+  absent/None when the source has no segmentation.
+"""
+from __future__ import annotations
+
+STATE_DIM = 8
+ACTION_DIM = 7
+
+#: Columns every source must provide.
+BASE_COLUMNS = ("episode_index", "step_index", "task", "instruction", "image", "state", "action")
+#: Columns a source provides when it knows them (privileged simulator state).
+OPTIONAL_COLUMNS = ("objects", "phase", "target_mask")
+#: Columns added by the annotate stage.
+RATIONALE_COLUMNS = ("rationale", "rationale_text", "teacher", "teacher_model", "prompt_version", "input_hash")
+#: The four parts of a ReFineVLA rationale, in the order they are written.
+RATIONALE_PARTS = ("observation", "situation_analysis", "spatial_reasoning", "task_planning")
+
+
+def missing_columns(column_names, required=BASE_COLUMNS) -> list[str]:
+    """Names in ``required`` that ``column_names`` lacks (for clear errors at stage boundaries)."""
+    have = set(column_names)
+    return [c for c in required if c not in have]
+
+
+def require_columns(column_names, required=BASE_COLUMNS, where: str = "dataset") -> None:
+    """Raise a ValueError naming the missing columns and where they were expected."""
+    missing = missing_columns(column_names, required)
+    if missing:
+        raise ValueError(f"{where} lacks required column(s) {missing}; it has {sorted(column_names)}")
