@@ -6,6 +6,7 @@ scripted experts read. An action is float32[7] in the schema convention of ``ref
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -48,3 +49,122 @@ class ZeroPolicy:
         action = np.zeros(ACTION_DIM, np.float32)
         action[6] = 1.0
         return action
+
+
+# ------------------------------------------------------------------------------------ the VLA policy
+class VLAPolicy:
+    """A fine-tuned (or base) VLA behind the Policy interface.
+
+    ``predict`` decodes greedily: with ``reasoning`` it first writes a rationale (any text token) until it
+    emits ``ACTION:``, then exactly 7 tokens restricted to the action bins; without, ``ACTION:`` is forced at
+    once. ``reason_every`` re-writes the rationale only every N control steps and reuses it in between
+    (writing ~60 tokens per step is the main cost of reasoning at inference on a CPU).
+    """
+
+    def __init__(self, model, tokenizer, reasoning: bool = True, reason_every: int = 1,
+                 max_rationale_tokens: int = 96):
+        import torch
+
+        self.model, self.tok = model.eval(), tokenizer
+        self.reasoning, self.reason_every, self.max_rationale_tokens = reasoning, max(1, reason_every), max_rationale_tokens
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.action_mask = torch.full((vocab,), float("-inf"))
+        self.action_mask[torch.as_tensor(tokenizer.action_ids)] = 0.0
+        self.text_mask = torch.zeros(vocab)
+        banned = list(tokenizer.action_ids) + list(tokenizer.state_ids) + [tokenizer.image_id, tokenizer.pad_id,
+                                                                             tokenizer.bos_id]
+        self.text_mask[torch.as_tensor(banned)] = float("-inf")
+        self.instruction, self.step, self.rationale_ids, self.last_rationale = "", 0, [], ""
+
+    def reset(self, instruction: str) -> None:
+        self.instruction, self.step, self.rationale_ids, self.last_rationale = instruction, 0, [], ""
+
+    def act(self, obs: dict) -> np.ndarray:
+        reuse = self.reasoning and self.step % self.reason_every != 0
+        text, action, ids = self._decode(obs["image"], obs.get("instruction") or self.instruction, obs["state"],
+                                         self.reasoning, self.rationale_ids if reuse else None)
+        self.rationale_ids, self.last_rationale, self.step = ids, text, self.step + 1
+        return action
+
+    def predict(self, image, instruction: str, state, reasoning: bool | None = None):
+        """(rationale_text, action float32[7]) for one observation."""
+        text, action, _ = self._decode(image, instruction, state,
+                                       self.reasoning if reasoning is None else reasoning, None)
+        return text, action
+
+    def _decode(self, image, instruction, state, reasoning, forced_rationale):
+        import torch
+        from transformers import DynamicCache
+
+        from .model import image_size, model_device, num_image_tokens, preprocess_images
+
+        device = model_device(self.model)
+        prompt = self.tok.prompt_ids(instruction, np.asarray(state), num_image_tokens(self.model))
+        pixels = preprocess_images(np.asarray(image), image_size(self.model)).to(device)
+        cache = DynamicCache()
+
+        def feed(ids, first=False, token_type=None):
+            kwargs = dict(pixel_values=pixels, token_type_ids=token_type) if first else {}
+            out = self.model(input_ids=torch.as_tensor([ids], device=device), cache=cache, use_cache=True, **kwargs)
+            return out.logits[0, -1].float().cpu()
+
+        with torch.no_grad():
+            logits = feed(prompt, first=True, token_type=torch.zeros(1, len(prompt), dtype=torch.long, device=device))
+            rationale = []
+            if reasoning and forced_rationale is not None:
+                rationale = list(forced_rationale)
+                if rationale:
+                    logits = feed(rationale)
+            elif reasoning:
+                while len(rationale) < self.max_rationale_tokens:
+                    nxt = int(torch.argmax(logits + self.text_mask))
+                    if nxt == self.tok.marker_id:
+                        break
+                    rationale.append(nxt)
+                    logits = feed([nxt])
+            logits = feed([self.tok.marker_id])
+            action_ids = []
+            for _ in range(7):
+                nxt = int(torch.argmax(logits + self.action_mask))
+                action_ids.append(nxt)
+                if len(action_ids) < 7:
+                    logits = feed([nxt])
+        return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale
+
+
+def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager"):
+    """(model, tokenizer, meta) from a folder written by train.pretrain_base or train.finetune."""
+    import json
+
+    from .model import load_base
+    from .tokens import VLATokenizer
+
+    model_dir = Path(model_dir)
+    meta_file = model_dir / "vla.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file} not found: {model_dir} is not a refinevla model folder")
+    meta = json.loads(meta_file.read_text())
+    tok = VLATokenizer.load(model_dir)
+    if meta["kind"] == "base":
+        return load_base(model_dir, quantization or "none", attn_implementation), tok, meta
+    from peft import PeftModel
+
+    base = (model_dir / meta["base"]) if not Path(meta["base"]).is_absolute() else Path(meta["base"])
+    base = base if base.exists() else meta["base"]  # a hub id
+    model = load_base(base, quantization or meta["quantization"], attn_implementation)
+    if tok.vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(tok.vocab_size)
+    return PeftModel.from_pretrained(model, str(model_dir)), tok, meta
+
+
+def load_policy(model_dir: str | Path, reasoning: bool | None = None, reason_every: int = 1,
+                threads: int | None = None) -> VLAPolicy:
+    """A ready VLAPolicy; reasoning defaults to whether the model was trained with rationales."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok, meta = load_vla(model_dir)
+    if reasoning is None:
+        reasoning = bool(meta.get("use_rationale", False))
+    return VLAPolicy(model, tok, reasoning=reasoning, reason_every=reason_every)

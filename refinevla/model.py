@@ -1,0 +1,176 @@
+"""Models: the tiny PaliGemma-architecture VLA, real checkpoints, 4-bit loading and LoRA on the top layers.
+
+The same three calls serve both scales:
+- ``build_tiny_vla(size, tokenizer)``: SigLIP + Gemma from a size preset, random init (the tiny scale);
+- ``load_base(path_or_id, quantization)``: any saved PaliGemma (our pre-trained tiny base or a real
+  PaliGemma / PaliGemma 2 checkpoint), in fp32 / 8-bit / 4-bit (nf4 + double quantisation);
+- ``add_lora(model, cfg)``: LoRA adapters on the top K decoder layers only ("selective transfer"),
+  the vision tower and the lower layers frozen.
+Weights are saved and loaded with safetensors only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Size presets for the tiny model (image tokens = (image_size / patch_size) ** 2).
+SIZES = {
+    # ~2M parameters: the embedded default (trains in minutes on 2 CPU cores)
+    "tiny": dict(image_size=64, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
+                 text_hidden=128, text_layers=4, text_heads=4, kv_heads=1, head_dim=32, mlp=512),
+    # ~0.5M parameters: unit tests and the smoke preset
+    "micro": dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, vision_heads=2,
+                  text_hidden=64, text_layers=2, text_heads=2, kv_heads=1, head_dim=32, mlp=128),
+    # >= 50M parameters: the 4-bit memory benchmark
+    "bench50m": dict(image_size=64, patch_size=8, vision_hidden=256, vision_layers=2, vision_heads=4,
+                     text_hidden=768, text_layers=8, text_heads=8, kv_heads=1, head_dim=96, mlp=3072),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """What model to build or load and how to adapt it."""
+
+    size: str = "tiny"                # tiny-scale size preset (SIZES), used when building from scratch
+    checkpoint: str = ""              # a real checkpoint (local path or hub id) instead of a tiny model
+    quantization: str = "4bit"        # none | 8bit | 4bit, for the fine-tuning base
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    tune_top_k_layers: int = 2        # LoRA only on the top K decoder layers
+    attn_implementation: str = "eager"  # eager: attention maps can be read out
+
+    def __post_init__(self):
+        if not self.checkpoint and self.size not in SIZES:
+            raise ValueError(f"model.size={self.size!r} is not a known size preset; known: {sorted(SIZES)}")
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ValueError(f"model.quantization={self.quantization!r}; expected none, 8bit or 4bit")
+        if self.tune_top_k_layers < 1:
+            raise ValueError(f"model.tune_top_k_layers={self.tune_top_k_layers} must be >= 1")
+
+
+# ------------------------------------------------------------------------------------- building
+def build_tiny_vla(size: str, vocab_size: int, image_token_id: int, pad_token_id: int = 0,
+                   seed: int = 0, attn_implementation: str = "eager"):
+    """A randomly initialised PaliGemma (SigLIP vision tower + Gemma decoder) of the given size preset."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)}")
+    s = SIZES[size]
+    vision = SiglipVisionConfig(hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"],
+                                num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                                image_size=s["image_size"], patch_size=s["patch_size"])
+    text = GemmaConfig(vocab_size=vocab_size, hidden_size=s["text_hidden"], intermediate_size=s["mlp"],
+                       num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+                       num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], max_position_embeddings=1024,
+                       pad_token_id=pad_token_id)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                             projection_dim=s["text_hidden"])
+    config.text_config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    model.config._attn_implementation = attn_implementation
+    return model
+
+
+def _quantization_config(quantization: str):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(path: str | Path, quantization: str = "none", attn_implementation: str = "eager"):
+    """Load a saved PaliGemma (local folder or hub id), optionally quantised by bitsandbytes."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    kwargs = dict(attn_implementation=attn_implementation, use_safetensors=True)
+    qc = _quantization_config(quantization)
+    if qc is not None:
+        kwargs.update(quantization_config=qc, device_map="cuda" if torch.cuda.is_available() else "cpu")
+    elif torch.cuda.is_available():
+        kwargs.update(dtype=torch.bfloat16, device_map="cuda")
+    return PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
+
+
+def num_decoder_layers(model) -> int:
+    return model.config.text_config.num_hidden_layers
+
+
+def top_layers(model, k: int) -> list[int]:
+    """Indices of the top ``k`` decoder layers; a clear error when k exceeds the layer count."""
+    n = num_decoder_layers(model)
+    if not 1 <= k <= n:
+        raise ValueError(f"tune_top_k_layers={k} but the decoder has {n} layers (choose 1..{n})")
+    return list(range(n - k, n))
+
+
+def add_lora(model, cfg: ModelConfig):
+    """Freeze everything, then put LoRA adapters on the top K decoder layers (vision tower excluded)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    layers = top_layers(model, cfg.tune_top_k_layers)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
+                      exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none")
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model) -> dict:
+    """Trainable and total parameters (4-bit weights counted as stored elements x 2)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n * 2 if p.dtype == torch.uint8 else n  # Params4bit pack two weights per byte
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def lora_layer_indices(model) -> list[int]:
+    """The decoder layers that carry LoRA weights (read back from the parameter names)."""
+    import re
+
+    found = set()
+    for name, _ in model.named_parameters():
+        m = re.search(r"language_model\.layers\.(\d+)\..*lora_", name)
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------- images
+def num_image_tokens(model) -> int:
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def image_size(model) -> int:
+    return model.config.vision_config.image_size
+
+
+def preprocess_images(images, size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (or one [H, W, 3]) -> float [B, 3, size, size] in [-1, 1], SigLIP's normalisation."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.ndim == 3:
+        x = x[None]
+    x = x.permute(0, 3, 1, 2).float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return x / 127.5 - 1.0
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device

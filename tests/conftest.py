@@ -1,0 +1,50 @@
+"""Shared fixtures. Run the suite with `make test` (or `.venv/bin/pytest -q`)."""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+
+def synthetic_rows(n_episodes=4, steps=6, size=32, seed=0, with_rationale=True):
+    """Rows in the project's schema whose action is a function of the image (a learnable toy problem).
+
+    A stand-in for demonstrations in unit tests of tokenisation and training; the data stage itself is
+    tested against real robosuite in test_data.py.
+    """
+    import json
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in range(n_episodes):
+        colour = rng.integers(0, 2)
+        for t in range(steps):
+            img = np.zeros((size, size, 3), np.uint8)
+            img[..., colour] = 200
+            img[t % size, :, 2] = 255
+            action = np.array([0.8 if colour else -0.8, 0.1 * t, -0.5, 0, 0, 0, float(t < steps // 2)], np.float32)
+            state = rng.uniform(-1, 1, 8).astype(np.float32)
+            row = dict(episode_index=e, step_index=t, task="toy", instruction="pick up the red cube",
+                       image=img, state=state, action=action, objects="[]", phase="approach")
+            if with_rationale:
+                side = "left" if colour else "right"
+                row.update(rationale_text=f"observation : the cube is {side} . plan : move {side} then grasp",
+                           rationale=json.dumps({}))
+            rows.append(row)
+    return rows
+
+
+def synthetic_dataset(**kw):
+    import datasets
+
+    rows = synthetic_rows(**kw)
+    features = {k: [r[k] for r in rows] for k in rows[0]}
+    ds = datasets.Dataset.from_dict(features)
+    return ds.cast_column("image", datasets.Image())
+
+
+@pytest.fixture
+def toy_dataset():
+    return synthetic_dataset()
