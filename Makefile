@@ -1,0 +1,73 @@
+# refinevla: `make book` runs the whole study (embedded default) and builds the book; `make test` runs the tests.
+# Both create .venv on first use and install everything, system packages included (see README).
+#
+#   make book                       PRESET=default (the embedded default, ~30 min on 2 cores)
+#   make book PRESET=smoke          seconds per stage
+#   make book ARGS="-p lambda_reason 0.5 --run lambda05"
+#   make test                       the test suite (~10 min)
+#   make lab                        JupyterLab with the project's environment as the kernel
+#   make bench                      speed / memory benchmarks -> benchmarks/results/
+#   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PRESET ?= default
+ARGS   ?=
+TORCH  ?= cpu
+TORCH_VERSION ?= 2.13.0
+SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0 nodejs npm
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+ifeq ($(TORCH),cpu)
+TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
+else
+TORCH_SPEC := torch==$(TORCH_VERSION)
+endif
+
+.PHONY: book test lab bench setup system clean
+
+book: setup
+	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
+
+test: setup
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/python -m ipykernel install --user --name refinevla --display-name "Python (refinevla)"
+	$(BIN)/jupyter lab notebooks/
+
+bench: setup
+	$(BIN)/python benchmarks/annotate_throughput.py
+	$(BIN)/python benchmarks/train_memory_speed.py
+	$(BIN)/python benchmarks/eval_overhead.py
+
+setup: system $(STAMP) book/_static/mathjax/tex-chtml.js
+
+# EGL/Mesa for offscreen MuJoCo rendering; npm to vendor MathJax for the offline book.
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing"; \
+	    echo "install them with:  sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+# torch first, from the CPU index (or the CUDA one with TORCH=cu1xx), so no resolver pulls a CUDA build by accident.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" --extra-index-url https://download.pytorch.org/whl/$(TORCH)
+	$(BIN)/pip install -q -e ".[all]"
+	touch $(STAMP)
+
+book/_static/mathjax/tex-chtml.js:
+	bash scripts/vendor_mathjax.sh
+
+clean:
+	rm -rf data/*/ _build

@@ -1,0 +1,212 @@
+"""Demonstrations: scripted experts in robosuite (tiny scale) or a LeRobot dataset (paper scale), one schema.
+
+Each robosuite episode is written to its own ``.npz`` as soon as it ends (atomically), so a killed run
+resumes with the episodes it has; the episodes are then assembled into a Hugging Face ``datasets`` dataset.
+Only successful expert episodes become demonstrations; the others are counted in ``stats.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .schema import require_columns
+
+EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "objects")
+
+
+def data_seeds(seed: int, n: int) -> list[int]:
+    """Seeds of the demonstrations: [seed*1000, seed*1000 + n). Evaluation seeds start at 10_000."""
+    if n > 1000:
+        raise ValueError(f"data.episodes_per_task={n}: at most 1000 per data seed")
+    return [seed * 1000 + i for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------- one episode
+_TASK_CACHE: dict = {}
+
+
+def _sim_task(task: str, image_size: int):
+    """One robosuite env per (task, size) per worker process: creating it costs more than an episode."""
+    from .sim import make_task
+
+    key = (task, image_size)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE[key] = make_task(task, image_size=image_size, segmentation=True)
+    return _TASK_CACHE[key]
+
+
+def record_episode(task: str, seed: int, image_size: int) -> tuple[dict, bool]:
+    """Run the scripted expert once; every frame with the action taken on it and the expert's phase."""
+    from .experts import make_expert
+
+    sim = _sim_task(task, image_size)
+    expert = make_expert(task, seed=seed)
+    obs = sim.reset(seed)
+    expert.reset(obs["instruction"])
+    frames = {k: [] for k in EPISODE_KEYS}
+    success = False
+    for _ in range(sim.max_steps):
+        action = expert.act(obs)
+        frames["images"].append(obs["image"])
+        frames["target_masks"].append(obs["target_mask"])
+        frames["states"].append(obs["state"])
+        frames["actions"].append(np.asarray(action, np.float32))
+        frames["phases"].append(expert.phase)
+        frames["objects"].append(json.dumps(obs["objects"]))
+        obs, success = sim.step(action)
+        if success:
+            break
+    arrays = {k: np.asarray(v) for k, v in frames.items()}
+    arrays["instruction"] = np.asarray(obs["instruction"])
+    return arrays, success
+
+
+def _episode_path(episodes_dir: Path, task: str, seed: int) -> Path:
+    return episodes_dir / f"{task}_{seed:06d}.npz"
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _demo_job(job: tuple) -> dict:
+    """Worker entry: record one episode and save it; returns its summary line."""
+    task, seed, image_size, path = job
+    t0 = time.time()
+    arrays, success = record_episode(task, seed, image_size)
+    arrays["success"] = np.asarray(success)
+    _write_npz(Path(path), arrays)
+    return dict(task=task, seed=seed, success=bool(success), steps=len(arrays["actions"]), wall_s=time.time() - t0)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def generate_demos(cfg, out_dir: str | Path):
+    """Record ``cfg.episodes_per_task`` expert episodes per task with ``cfg.workers`` processes; resumable.
+
+    Returns the assembled ``datasets.Dataset`` (also saved to out_dir/dataset) and writes stats.json.
+    """
+    import multiprocessing as mp
+
+    out_dir = Path(out_dir)
+    episodes_dir = out_dir / "episodes"
+    episodes_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(task, seed, cfg.image_size, str(_episode_path(episodes_dir, task, seed)))
+            for task in cfg.tasks for seed in data_seeds(cfg.seed, cfg.episodes_per_task)]
+    todo = [j for j in jobs if not Path(j[3]).exists()]
+    print(f"{len(jobs)} episodes ({len(jobs) - len(todo)} already recorded), {cfg.workers} worker(s)")
+    if todo:
+        if cfg.workers > 1:
+            with mp.get_context("spawn").Pool(cfg.workers) as pool:
+                for _ in tqdm(pool.imap_unordered(_demo_job, todo), total=len(todo), desc="demos"):
+                    pass
+        else:
+            for job in tqdm(todo, desc="demos"):
+                _demo_job(job)
+    ds, stats = assemble(jobs)
+    stats["image_size"] = cfg.image_size
+    save_dataset(ds, out_dir / "dataset")
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
+    return ds
+
+
+def _load_episode(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def features():
+    import datasets
+
+    return datasets.Features({
+        "episode_index": datasets.Value("int64"), "step_index": datasets.Value("int64"),
+        "task": datasets.Value("string"), "instruction": datasets.Value("string"),
+        "image": datasets.Image(), "state": datasets.Sequence(datasets.Value("float32")),
+        "action": datasets.Sequence(datasets.Value("float32")), "objects": datasets.Value("string"),
+        "phase": datasets.Value("string"), "target_mask": datasets.Image(), "seed": datasets.Value("int64"),
+    })
+
+
+def assemble(jobs: list[tuple]):
+    """Successful episodes -> one dataset (episode_index numbers them in task, seed order) + statistics."""
+    import datasets
+
+    per_task: dict = {}
+    kept = []
+    for task, seed, _, path in jobs:
+        ep = _load_episode(path)
+        s = per_task.setdefault(task, dict(episodes=0, successes=0, frames=0))
+        s["episodes"] += 1
+        if bool(ep["success"]):
+            s["successes"] += 1
+            s["frames"] += len(ep["actions"])
+            kept.append((task, seed, path))
+    if not kept:
+        raise RuntimeError("no successful expert episode: nothing to train on (check the scripted experts)")
+
+    def rows():
+        for index, (task, seed, path) in enumerate(kept):
+            ep = _load_episode(path)
+            for t in range(len(ep["actions"])):
+                yield dict(episode_index=index, step_index=t, task=task, instruction=str(ep["instruction"]),
+                           image=ep["images"][t], state=ep["states"][t].tolist(), action=ep["actions"][t].tolist(),
+                           objects=str(ep["objects"][t]), phase=str(ep["phases"][t]),
+                           target_mask=ep["target_masks"][t], seed=seed)
+
+    ds = datasets.Dataset.from_generator(rows, features=features())
+    for s in per_task.values():
+        s["expert_success_rate"] = s["successes"] / max(1, s["episodes"])
+    return ds, dict(tasks=per_task, episodes=len(kept), frames=len(ds))
+
+
+def save_dataset(ds, path: Path) -> None:
+    """save_to_disk into a temporary folder, then rename: a killed run never leaves a half dataset."""
+    import shutil
+
+    tmp = path.with_name("." + path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_dataset_dir(path: str | Path, required=None):
+    """A dataset saved by a stage, with a clear error when it is missing or lacks columns."""
+    import datasets
+
+    from .schema import BASE_COLUMNS
+
+    path = Path(path)
+    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path}: no dataset here (run the stage that writes it first)")
+    ds = datasets.load_from_disk(str(path))
+    require_columns(ds.column_names, required or BASE_COLUMNS, where=str(path))
+    return ds
+
+
+def load_source(cfg, out_dir: str | Path):
+    """The data stage for any source: robosuite demos, or a LeRobot dataset subset (paper scale)."""
+    if cfg.source == "robosuite":
+        return generate_demos(cfg, out_dir)
+    from . import lerobot
+
+    out_dir = Path(out_dir)
+    ds = lerobot.load_lerobot(cfg.source, episodes=cfg.episodes, stride=cfg.stride, revision=cfg.revision,
+                              camera=cfg.camera or None, image_size=cfg.image_size)
+    save_dataset(ds, out_dir / "dataset")
+    (out_dir / "stats.json").write_text(json.dumps(dict(source=cfg.source, frames=len(ds),
+                                                        episodes=len(set(ds["episode_index"]))), indent=1))
+    return ds
+
+
+def frame_strip(ds, episode_index: int, n: int = 6) -> np.ndarray:
+    """n evenly spaced frames of one episode side by side (for the data notebook)."""
+    rows = [i for i, e in enumerate(ds["episode_index"]) if e == episode_index]
+    pick = [rows[int(k)] for k in np.linspace(0, len(rows) - 1, n)]
+    return np.concatenate([np.asarray(ds[i]["image"]) for i in pick], axis=1)
