@@ -43,7 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_memory_speed.py
 	$(BIN)/python benchmarks/eval_overhead.py
 
-setup: system $(STAMP) book/_static/mathjax/tex-chtml.js
+setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 
 # EGL/Mesa for offscreen MuJoCo rendering; npm to vendor MathJax for the offline book.
 system:
@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[all]"
 	touch $(STAMP)
 
-book/_static/mathjax/tex-chtml.js:
+book/_static/mathjax/tex-mml-chtml.js:
 	bash scripts/vendor_mathjax.sh
 
 clean:

@@ -26,7 +26,7 @@ NOTEBOOK_INPUTS = {
                    "evaluate/baseline", "evaluate/refinevla", "attention"],
 }
 #: Book pages around the notebooks, in reading order (None marks where the notebooks go).
-PAGES_BEFORE = ["book/intro", "book/paper", "book/method"]
+PAGES_BEFORE = ["book/intro", "book/method", "book/paper"]
 PAGES_AFTER = ["book/data_sources", "book/simplerenv", "book/limitations", "book/references"]
 SECRET_HINTS = ("OPENAI_API_KEY", "GEMINI_API_KEY", "HF_TOKEN")
 
@@ -119,6 +119,10 @@ def write_toc(run_dir: Path, root_prefix: str) -> Path:
 def build_book(run: str, root: str = "data", strict: bool = True) -> Path:
     """jupyter-book build (execution off, warnings are errors); returns the path of index.html."""
     run_dir = REPO / root / run
+    mathjax = REPO / "book" / "_static" / "mathjax" / "tex-mml-chtml.js"
+    if not mathjax.exists():
+        raise RuntimeError(f"{mathjax} is missing: run `bash scripts/vendor_mathjax.sh` (needs npm) so the "
+                           "book's formulas render offline")
     toc = write_toc(run_dir, f"{root}/{run}")
     out = run_dir / "book"
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO), "--toc", str(toc),

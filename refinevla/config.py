@@ -143,6 +143,11 @@ def _coerce(current, value):
     parsed = yaml.safe_load(value)
     if isinstance(current, (list, tuple)) and isinstance(parsed, str):
         return [v.strip() for v in parsed.split(",") if v.strip()]
+    if isinstance(current, float) and isinstance(parsed, (str, int)) and not isinstance(parsed, bool):
+        try:
+            return float(parsed)  # YAML reads "3e-4" as a string
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     return parsed
 
 

@@ -121,7 +121,11 @@ def add_lora(model, cfg: ModelConfig):
 
     layers = top_layers(model, cfg.tune_top_k_layers)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        import warnings
+
+        with warnings.catch_warnings():  # peft still calls a transformers method deprecated for v6
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
                       exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none")
@@ -162,7 +166,7 @@ def image_size(model) -> int:
 
 def preprocess_images(images, size: int) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or one [H, W, 3]) -> float [B, 3, size, size] in [-1, 1], SigLIP's normalisation."""
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.as_tensor(np.array(images, dtype=np.uint8, copy=True))
     if x.ndim == 3:
         x = x[None]
     x = x.permute(0, 3, 1, 2).float()

@@ -81,16 +81,22 @@ class VLAPolicy:
 
     def act(self, obs: dict) -> np.ndarray:
         reuse = self.reasoning and self.step % self.reason_every != 0
-        text, action, ids = self._decode(obs["image"], obs.get("instruction") or self.instruction, obs["state"],
-                                         self.reasoning, self.rationale_ids if reuse else None)
+        text, action, ids, _ = self._decode(obs["image"], obs.get("instruction") or self.instruction, obs["state"],
+                                            self.reasoning, self.rationale_ids if reuse else None)
         self.rationale_ids, self.last_rationale, self.step = ids, text, self.step + 1
         return action
 
     def predict(self, image, instruction: str, state, reasoning: bool | None = None):
         """(rationale_text, action float32[7]) for one observation."""
-        text, action, _ = self._decode(image, instruction, state,
-                                       self.reasoning if reasoning is None else reasoning, None)
+        text, action, _, _ = self._decode(image, instruction, state,
+                                          self.reasoning if reasoning is None else reasoning, None)
         return text, action
+
+    def generate_ids(self, image, instruction: str, state, reasoning: bool | None = None):
+        """(rationale_ids, action_ids) of the greedy decoding (the attention stage teacher-forces them)."""
+        _, _, rationale, action_ids = self._decode(image, instruction, state,
+                                                   self.reasoning if reasoning is None else reasoning, None)
+        return [int(t) for t in rationale], [int(t) for t in action_ids]
 
     def _decode(self, image, instruction, state, reasoning, forced_rationale):
         import torch
@@ -129,7 +135,7 @@ class VLAPolicy:
                 action_ids.append(nxt)
                 if len(action_ids) < 7:
                     logits = feed([nxt])
-        return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale
+        return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale, action_ids
 
 
 def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager"):
