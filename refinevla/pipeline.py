@@ -87,6 +87,8 @@ def run_annotate(cfg: RunConfig):
     started = time.time()
     cfg.annotate.data_root = cfg.root
     ds = annotate(load_dataset_dir(src / "dataset"), cfg.annotate, out)
+    if ds is None:  # a dry run: the estimate was printed, nothing was sent or written
+        return None
     mark_done(out, key, cfg, started, rows=len(ds))
     return ds
 
