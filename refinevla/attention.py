@@ -472,7 +472,7 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     import matplotlib.pyplot as plt
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .policy import load_vla
     from .schema import require_columns

@@ -59,7 +59,7 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
                   force: bool = False, timeout_s: int = 3600, root: str = "data") -> Path:
     """Execute each notebook into data/<run>/notebooks/; returns that folder."""
     import papermill as pm
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     run = run or preset
     run_dir = REPO / root / run

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .schema import RATIONALE_PARTS, require_columns
 

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .schema import RATIONALE_PARTS
 from .teacher import (AnnotateConfig, Annotation, Rationale, check_faithfulness, hash_inputs, load_objects,

@@ -43,7 +43,7 @@ print(f"run folder: {run_dir}")'''
 
 NOTEBOOKS = {
 "01_data": [
-("md", '''# 1. Demonstrations
+("md", '''# Demonstrations
 
 ReFineVLA starts from robot demonstrations: camera frames, the robot's proprioceptive state, a language
 instruction and the action taken. The paper uses BridgeData V2 and Fractal (RT-1). At the tiny scale we make our own
@@ -75,7 +75,7 @@ spread of each dimension matters. The experts do not rotate the gripper (roll, p
 ("code", '''report.plot_action_distributions(ds);'''),
 ],
 "02_annotate": [
-("md", '''# 2. Teacher rationales
+("md", '''# Teacher rationales
 
 ReFineVLA's first stage asks an expert **teacher** to explain each action with a structured rationale in four
 parts: *observation* (what is in the scene), *situation analysis* (where the task stands), *spatial reasoning*
@@ -108,7 +108,7 @@ annotated.select_columns(["task", "step_index", "teacher", "teacher_model", "pro
 lengths.describe().to_frame()'''),
 ],
 "03_finetune": [
-("md", '''# 3. Reasoning-aware fine-tuning
+("md", '''# Reasoning-aware fine-tuning
 
 The paper fine-tunes a pre-trained VLA on the reasoning-enriched data with
 
@@ -152,7 +152,7 @@ print("model action :", np.round(action, 3))
 print("expert action:", np.round(np.asarray(row["action"]), 3))'''),
 ],
 "04_evaluate": [
-("md", '''# 4. Closed-loop evaluation
+("md", '''# Closed-loop evaluation
 
 Success rate in closed loop is the paper's headline result (SimplerEnv). At the tiny scale both fine-tuned
 policies run in robosuite on a fixed list of seeds per task that no demonstration used; success is the
@@ -181,7 +181,7 @@ from refinevla.evaluate import read_records
 pd.DataFrame(read_records(run_dir / "evaluate" / "refinevla" / "episodes.jsonl")).head(10)'''),
 ],
 "05_attention": [
-("md", '''# 5. Where the model looks
+("md", '''# Where the model looks
 
 The paper argues that reasoning-aware fine-tuning shifts the policy's attention toward the objects the task is about,
 and shows it as pictures. We show the pictures and measure it. For a fixed set of frames per task, each model
@@ -203,7 +203,7 @@ plt.axis("off");'''),
 ("code", '''scores'''),
 ],
 "06_results": [
-("md", '''# 6. Results
+("md", '''# Results
 
 The paper's reported figures beside ours. They are not the same experiment: the paper fine-tunes a ~3.5B
 pre-trained VLA on ~125k real trajectories annotated by Gemini and evaluates in SimplerEnv; this run fine-tunes a
