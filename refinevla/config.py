@@ -97,6 +97,7 @@ ALIASES = {
     "lora_r": "model.lora_r",
     "model_size": "model.size",
     "checkpoint": "model.checkpoint",
+    "dataset": "data.source",
     "demos_per_task": "data.episodes_per_task",
     "episodes_per_task": "evaluate.episodes_per_task",
     "tasks": ["data.tasks", "evaluate.tasks"],

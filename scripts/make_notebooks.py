@@ -13,6 +13,7 @@ PARAMETERS = '''\
 preset = "default"        # smoke | default | paper  (refinevla/presets/*.yaml)
 run = ""                  # run folder under data/ ("" = the preset's name)
 overrides = {}            # any other key as "section.field": value, e.g. {"pretrain.lr": 3e-4}
+dataset = None            # robosuite (default) | a LeRobot dataset id or local path (paper scale)
 tasks = None              # e.g. "lift,stack" (data and evaluation)
 demos_per_task = None     # scripted-expert demonstrations per task
 image_size = None         # camera resolution (pixels)
