@@ -43,10 +43,10 @@ def _package_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def notebook_key(name: str, params: dict, run_dir: Path) -> str:
+def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = REPO / "notebooks") -> str:
     """Hash of the notebook source, its parameters, the package code and its input stages' markers."""
     h = hashlib.sha256()
-    h.update((REPO / "notebooks" / f"{name}.ipynb").read_bytes())
+    h.update((Path(notebooks_dir) / f"{name}.ipynb").read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(_package_hash().encode())
     for stage in NOTEBOOK_INPUTS[name]:
@@ -56,13 +56,15 @@ def notebook_key(name: str, params: dict, run_dir: Path) -> str:
 
 
 def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | None = None,
-                  force: bool = False, timeout_s: int = 3600, root: str = "data") -> Path:
+                  force: bool = False, timeout_s: int = 3600, root: str = "data",
+                  notebooks_dir: Path = REPO / "notebooks") -> Path:
     """Execute each notebook into data/<run>/notebooks/; returns that folder."""
     import papermill as pm
     from tqdm import tqdm
 
     run = run or preset
     run_dir = REPO / root / run
+    notebooks_dir = Path(notebooks_dir)
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"preset": preset, "run": run, **params}
@@ -71,21 +73,21 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
             raise ValueError(f"unknown notebook {name!r}; known: {NOTEBOOKS}")
         output = out_dir / f"{name}.ipynb"
         key_file = out_dir / f".{name}.key"
-        key = notebook_key(name, parameters, run_dir)
+        key = notebook_key(name, parameters, run_dir, notebooks_dir)
         if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
             print(f"{name}: unchanged since its last successful run, not re-run")
             continue
         key_file.unlink(missing_ok=True)
         print(f"{name}: running")
         try:
-            pm.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(output), parameters=parameters,
+            pm.execute_notebook(str(notebooks_dir / f"{name}.ipynb"), str(output), parameters=parameters,
                                 cwd=str(REPO), kernel_name="python3", execution_timeout=timeout_s,
                                 progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as err:
             raise NotebookFailed(f"{name}.ipynb failed in cell {err.exec_count} (executed copy: {output}):\n"
                                  f"{err.ename}: {err.evalue}") from None
         scrub_secrets(output)
-        key_file.write_text(notebook_key(name, parameters, run_dir))
+        key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
     return out_dir
 
 

@@ -115,8 +115,11 @@ def top_layers(model, k: int) -> list[int]:
     return list(range(n - k, n))
 
 
-def add_lora(model, cfg: ModelConfig):
-    """Freeze everything, then put LoRA adapters on the top K decoder layers (vision tower excluded)."""
+def add_lora(model, cfg: ModelConfig, trainable_token_ids=None):
+    """Freeze everything, then put LoRA adapters on the top K decoder layers (vision tower excluded).
+
+    ``trainable_token_ids``: rows of the token embedding, tied to the policy head, that are trained as well
+    (peft's trainable tokens; only these rows, not the whole vocabulary)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     layers = top_layers(model, cfg.tune_top_k_layers)
@@ -128,7 +131,9 @@ def add_lora(model, cfg: ModelConfig):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
-                      exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none")
+                      exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none",
+                      trainable_token_indices=None if trainable_token_ids is None
+                      else {"embed_tokens": sorted(int(t) for t in trainable_token_ids)})
     return get_peft_model(model, lora)
 
 

@@ -157,6 +157,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer) -> Path:
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors + plain types: loads with weights_only
     save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)  # left by a run killed before `latest` moved to it
     os.replace(tmp, final)
     _atomic_write(ckpt_root / "latest", final.name)
     for old in ckpt_root.glob("ckpt-*"):
@@ -233,9 +234,15 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
                 (losses[0] / cfg.grad_accum).backward()
                 sums += [x.item() / cfg.grad_accum for x in losses]
                 seen += len(idx)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
+                                         f"in {ckpt_root} is kept. Lower train.lr or check the data statistics.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+                raise FloatingPointError(f"non-finite weights after step {step}; stopped, the last good checkpoint "
+                                         f"in {ckpt_root} is kept. Lower train.lr or check the data statistics.")
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 last = dict(step=done, loss=sums[0], l_action=sums[1], l_reason=sums[2],
@@ -332,13 +339,16 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     model = load_base(base, model_cfg.quantization, model_cfg.attn_implementation)
     if tok.vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(tok.vocab_size)
-    model = add_lora(model, model_cfg)
+    data = encode_dataset(ds, tok, num_image_tokens(model), cfg.use_rationale, cfg.max_rationale_tokens,
+                          desc=f"encode {cfg.variant}")
+    # the policy head (tied to the embeddings) is trained on the rows of the target tokens: the paper updates
+    # "the upper layers and the policy head"; frozen rows of words the base never wrote cap L_reasoning
+    head_ids = np.unique(np.concatenate([data["input_ids"][data["part"] != PREFIX], tok.action_ids, [tok.marker_id]]))
+    model = add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist())
     counts = parameter_counts(model)
     print(f"{cfg.variant}: trainable {counts['trainable']:,} / {counts['total']:,} parameters "
           f"({counts['trainable_pct']:.2f}%), quantization={model_cfg.quantization}, "
-          f"LoRA on the top {model_cfg.tune_top_k_layers} layers")
-    data = encode_dataset(ds, tok, num_image_tokens(model), cfg.use_rationale, cfg.max_rationale_tokens,
-                          desc=f"encode {cfg.variant}")
+          f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows")
     last = train_loop(model, data, cfg, out_dir)
     base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if Path(base).exists() else str(base)
     meta = dict(kind="adapter", base=base_ref, quantization=model_cfg.quantization, variant=cfg.variant,

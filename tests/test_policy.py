@@ -1,0 +1,275 @@
+"""The VLA policy: greedy decoding with a KV cache, action-bin restriction, loading saved fine-tunes.
+
+    .venv/bin/pytest tests/test_policy.py -q
+"""
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_dataset
+from refinevla import train
+from refinevla.model import ModelConfig, image_size, num_image_tokens, preprocess_images
+from refinevla.policy import Policy, VLAPolicy, load_policy, load_vla
+from refinevla.tokens import BinStats, VLATokenizer
+from refinevla.train import TrainConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic_dataset()
+
+
+@pytest.fixture(scope="module")
+def trained(ds, tmp_path_factory):
+    """A micro base, a ReFineVLA fine-tune (rationale, 4-bit base) and a baseline fine-tune of it."""
+    root = tmp_path_factory.mktemp("policy")
+    base = train.pretrain_base(ds, ModelConfig(size="micro"),
+                               TrainConfig(variant="pretrain", use_rationale=False, steps=30, batch_size=8,
+                                           lr=3e-3, warmup_steps=3, log_every=10, threads=1), root / "pretrain")
+    common = dict(steps=15, batch_size=8, lr=1e-2, warmup_steps=2, log_every=5, threads=1)
+    refine = train.finetune(ds, base, ModelConfig(size="micro", tune_top_k_layers=1),
+                            TrainConfig(variant="refinevla", **common), root / "refinevla")
+    baseline = train.finetune(ds, base, ModelConfig(size="micro", tune_top_k_layers=1),
+                              TrainConfig(variant="baseline", use_rationale=False, lambda_reason=0.0, **common),
+                              root / "baseline")
+    return SimpleNamespace(base=base, refine=refine, baseline=baseline)
+
+
+@pytest.fixture(scope="module")
+def policy(trained):
+    return load_policy(trained.refine, threads=1)
+
+
+def _obs(ds, i=0):
+    row = ds[i]
+    return np.asarray(row["image"]), row["instruction"], np.asarray(row["state"], np.float32)
+
+
+def _decode(policy, image, instruction, state, reasoning, forced_rationale=None):
+    """(rationale text, action, rationale ids) of the policy's own greedy decoder."""
+    out = policy._decode(image, instruction, state, reasoning, forced_rationale)
+    return out[0], out[1], list(out[2])
+
+
+def _is_bin_centre(tok, action):
+    return np.array_equal(action, tok.action_stats.decode(tok.action_stats.encode(action)))
+
+
+# ------------------------------------------------------------------------------------- predictions
+def test_predict_returns_a_rationale_and_a_binned_action(policy, ds):
+    assert policy.reasoning  # trained with rationales: reasoning on by default
+    text, action = policy.predict(*_obs(ds))
+    assert isinstance(text, str)
+    assert isinstance(action, np.ndarray) and action.dtype == np.float32 and action.shape == (7,)
+    assert np.all(np.isfinite(action)) and _is_bin_centre(policy.tok, action)
+
+
+def test_predict_without_reasoning_writes_no_rationale(policy, ds):
+    text, action = policy.predict(*_obs(ds), reasoning=False)
+    assert text == ""
+    assert action.shape == (7,) and _is_bin_centre(policy.tok, action)
+
+
+def _reference_decode(policy, image, instruction, state, reasoning, forced_rationale=None):
+    """Greedy decoding with a full forward pass per token (no cache), token_type 0 on the prompt and 1 on
+    every generated token, the same masks as the policy: what the cached decoder must reproduce."""
+    tok, model = policy.tok, policy.model
+    prompt = tok.prompt_ids(instruction, state, num_image_tokens(model))
+    pixels = preprocess_images(image, image_size(model))
+    seq = list(prompt)
+
+    def last_logits():
+        tt = torch.tensor([[0] * len(prompt) + [1] * (len(seq) - len(prompt))])
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([seq]), pixel_values=pixels, token_type_ids=tt).logits[0, -1]
+
+    rationale = list(forced_rationale or [])
+    seq += rationale
+    if reasoning and forced_rationale is None:
+        while len(rationale) < policy.max_rationale_tokens:
+            nxt = int(torch.argmax(last_logits() + policy.text_mask))
+            if nxt == tok.marker_id:
+                break
+            rationale.append(nxt)
+            seq.append(nxt)
+    seq.append(tok.marker_id)
+    actions = []
+    for _ in range(7):
+        nxt = int(torch.argmax(last_logits() + policy.action_mask))
+        actions.append(nxt)
+        seq.append(nxt)
+    return rationale, actions
+
+
+@pytest.mark.parametrize("reasoning,forced", [(False, False), (True, False), (True, True)])
+def test_cached_decoding_matches_full_forward_decoding(policy, ds, reasoning, forced):
+    """The KV cache, the positions and the prefix/suffix mask at inference agree with training's layout
+    (forced: the rationale is the training one, fed as ``act`` does when it reuses a rationale, so that a long
+    cached suffix is exercised whatever the model writes itself)."""
+    for i in (0, 9):
+        image, instruction, state = _obs(ds, i)
+        given = policy.tok.text_ids(ds[i]["rationale_text"]) if forced else None
+        text, action, ids = _decode(policy, image, instruction, state, reasoning, given)
+        want_rationale, want_actions = _reference_decode(policy, image, instruction, state, reasoning, given)
+        assert ids == want_rationale
+        assert text == policy.tok.decode_text(want_rationale)
+        np.testing.assert_array_equal(action, policy.tok.ids_to_action(want_actions))
+
+
+def test_cached_logits_equal_one_full_forward(policy, ds):
+    """Every logit vector the cached decoder reads equals the one a single teacher-forced forward pass (the
+    training layout) gives at the same position: cache, positions and mask, not just the argmax."""
+    image, instruction, state = _obs(ds, 3)
+    given = policy.tok.text_ids(ds[3]["rationale_text"])
+    seen = []
+    handle = policy.model.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((kwargs["input_ids"].shape[1], out.logits[0, -1].clone())),
+        with_kwargs=True)
+    try:
+        policy._decode(image, instruction, state, True, given)
+    finally:
+        handle.remove()
+    action_ids = policy.tok.action_to_ids(_decode(policy, image, instruction, state, True, given)[1])
+    prompt = policy.tok.prompt_ids(instruction, state, num_image_tokens(policy.model))
+    seq = prompt + given + [policy.tok.marker_id] + action_ids
+    tt = torch.tensor([[0] * len(prompt) + [1] * (len(seq) - len(prompt))])
+    with torch.no_grad():
+        full = policy.model(input_ids=torch.tensor([seq]), token_type_ids=tt,
+                            pixel_values=preprocess_images(image, image_size(policy.model))).logits[0]
+    assert [n for n, _ in seen] == [len(prompt), len(given), 1, 1, 1, 1, 1, 1, 1]
+    position = np.cumsum([n for n, _ in seen]) - 1
+    for (n, logits), p in zip(seen, position):
+        torch.testing.assert_close(logits, full[p], rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_fed_after_the_marker_are_action_bins(policy, ds):
+    fed = []
+    handle = policy.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+    try:
+        policy.predict(*_obs(ds), reasoning=True)
+    finally:
+        handle.remove()
+    flat = [t for chunk in fed[1:] for t in chunk]  # fed[0] is the prompt
+    marker = flat.index(policy.tok.marker_id)
+    after = flat[marker + 1:]
+    assert len(after) == 6  # the 7th action token is never fed back
+    assert set(after) <= set(policy.tok.action_ids.tolist())
+    banned = set(policy.tok.action_ids.tolist()) | set(policy.tok.state_ids.tolist()) | {
+        policy.tok.image_id, policy.tok.pad_id, policy.tok.bos_id}
+    assert not set(flat[:marker]) & banned
+
+
+class PushyModel(torch.nn.Module):
+    """A stand-in model whose logits always prefer tokens a decoder must refuse: a state bin first, then the
+    image token, then a text word; among action bins it prefers ``best_bin``; ACTION: comes after
+    ``marker_after`` rationale tokens (or never)."""
+
+    def __init__(self, tok, best_bin=200, marker_after=None):
+        super().__init__()
+        self.tok, self.marker_after = tok, marker_after
+        v = tok.vocab_size
+        self.head = torch.nn.Linear(4, v)
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(image_size=32, patch_size=8))
+        base = torch.zeros(v)
+        base[tok.state_ids[3]] = 50.0
+        base[tok.image_id] = 40.0
+        self.word = tok.text_ids("cube")[0]
+        base[self.word] = 30.0
+        base[tok.action_ids] = 1.0
+        base[tok.action_ids[best_bin]] = 20.0
+        base[tok.marker_id] = -10.0
+        self.base, self.calls = base, 0
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, cache=None, use_cache=True, pixel_values=None, token_type_ids=None):
+        if pixel_values is not None:
+            self.calls = 0
+        logits = self.base.clone()
+        if self.marker_after is not None and self.calls == self.marker_after:
+            logits[self.tok.marker_id] = 100.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits.expand(1, input_ids.shape[1], -1))
+
+
+@pytest.fixture(scope="module")
+def tok(ds):
+    return VLATokenizer.train_tiny(train._texts_for_tokenizer(ds), *train._stats_from(ds))
+
+
+def test_decoding_is_restricted_even_when_the_model_prefers_other_tokens(tok, ds):
+    pol = VLAPolicy(PushyModel(tok, best_bin=200), tok, reasoning=True, max_rationale_tokens=5)
+    text, action, ids = _decode(pol, *_obs(ds), True)
+    assert ids == [tok.text_ids("cube")[0]] * 5  # never a bin, the image or the pad token; capped at 5
+    assert text == "cube cube cube cube cube"
+    np.testing.assert_array_equal(action, tok.action_stats.decode(np.full(7, 200)))
+
+
+def test_rationale_stops_at_the_marker(tok, ds):
+    pol = VLAPolicy(PushyModel(tok, best_bin=7, marker_after=3), tok, reasoning=True)
+    text, action, ids = _decode(pol, *_obs(ds), True)
+    assert text == "cube cube cube"
+    np.testing.assert_array_equal(action, tok.action_stats.decode(np.full(7, 7)))
+
+
+def test_act_follows_the_policy_protocol_and_reuses_rationales(tok, ds):
+    pol = VLAPolicy(PushyModel(tok, marker_after=2), tok, reasoning=True, reason_every=3)
+    assert isinstance(pol, Policy)
+    image, instruction, state = _obs(ds)
+    pol.reset(instruction)
+    for step in range(4):
+        action = pol.act({"image": image, "state": state})
+        assert action.dtype == np.float32 and action.shape == (7,)
+        assert pol.last_rationale == "cube cube"
+    assert pol.step == 4
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_load_policy_reads_variant_defaults(trained, ds):
+    meta = json.loads((trained.refine / "vla.json").read_text())
+    assert meta["kind"] == "adapter" and meta["quantization"] == "4bit" and meta["use_rationale"]
+    baseline = load_policy(trained.baseline, threads=1)
+    assert not baseline.reasoning
+    text, action = baseline.predict(*_obs(ds))
+    assert text == "" and _is_bin_centre(baseline.tok, action)
+    base = load_policy(trained.base, threads=1)
+    assert not base.reasoning and base.predict(*_obs(ds))[1].shape == (7,)
+
+
+def test_saved_model_carries_the_base_statistics(trained):
+    base_tok, ft_tok = VLATokenizer.load(trained.base), VLATokenizer.load(trained.refine)
+    assert ft_tok.action_stats == base_tok.action_stats and ft_tok.state_stats == base_tok.state_stats
+    assert isinstance(ft_tok.action_stats, BinStats)
+
+
+def test_loaded_adapter_reproduces_the_trained_model(trained, ds):
+    """The adapter folder + base reload to the same weights: loading twice gives identical predictions, and
+    they differ from the base's (the adapter was applied)."""
+    model, tok, meta = load_vla(trained.refine)
+    again, _, _ = load_vla(trained.refine)
+    base, _, _ = load_vla(trained.base)
+    batch = train.to_batch(train.encode_dataset(ds.select([0]), tok, num_image_tokens(model), True),
+                           np.array([0]), 32, "cpu")
+    batch.pop("part")
+    with torch.no_grad():
+        a, b, c = (m(**batch).logits for m in (model.eval(), again.eval(), base.eval()))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_load_policy_refuses_a_folder_without_vla_json(trained, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(trained.refine, broken)
+    (broken / "vla.json").unlink()
+    with pytest.raises(FileNotFoundError, match="vla.json"):
+        load_policy(broken)
+    with pytest.raises(FileNotFoundError, match="vla.json"):
+        load_policy(tmp_path / "does-not-exist")
