@@ -90,16 +90,24 @@ def _quantization_config(quantization: str):
     return None
 
 
+def _local_device():
+    if not torch.cuda.is_available():
+        return "cpu"
+    from accelerate import PartialState
+
+    return PartialState().local_process_index
+
+
 def load_base(path: str | Path, quantization: str = "none", attn_implementation: str = "eager"):
     """Load a saved PaliGemma (local folder or hub id), optionally quantised by bitsandbytes."""
     from transformers import PaliGemmaForConditionalGeneration
 
     kwargs = dict(attn_implementation=attn_implementation, use_safetensors=True)
     qc = _quantization_config(quantization)
-    if qc is not None:
-        kwargs.update(quantization_config=qc, device_map="cuda" if torch.cuda.is_available() else "cpu")
+    if qc is not None:  # bitsandbytes places the weights itself: on this process's GPU under accelerate launch
+        kwargs.update(quantization_config=qc, device_map={"": _local_device()})
     elif torch.cuda.is_available():
-        kwargs.update(dtype=torch.bfloat16, device_map="cuda")
+        kwargs.update(dtype=torch.bfloat16, device_map={"": _local_device()})
     return PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
 
 

@@ -197,64 +197,83 @@ def _atomic_write(path: Path, text: str) -> None:
 def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: int | None = None) -> dict:
     """Train the model's trainable parameters on ``data`` (from encode_dataset), resuming from out_dir.
 
-    Writes metrics.jsonl (appended, flushed per log line) and atomic checkpoints under out_dir/ckpt.
-    ``stop_after`` ends the run early at that step (to test resume). Returns the last metrics.
+    Runs under Hugging Face Accelerate: one CPU process here, every GPU under ``accelerate launch`` (each
+    process takes its own micro-batches; the main process logs and checkpoints). Writes metrics.jsonl
+    (appended, flushed per log line) and atomic checkpoints under out_dir/ckpt. ``stop_after`` ends the run
+    early at that step (to test resume). Returns the last metrics.
     """
+    from accelerate import Accelerator
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = next(model.parameters()).device
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    rank, world = acc.process_index, acc.num_processes
     size = model.config.vision_config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_root = out_dir / "ckpt"
     start = load_checkpoint(ckpt_root, model, optimizer)
+    unwrapped = model
+    model, optimizer = acc.prepare(model, optimizer)
     n_rows = len(data["input_ids"])
     model.train()
     last, t0, seen = {}, time.time(), 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.variant}")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.variant}",
+               disable=not acc.is_main_process)
+
+    def stop(what: str, step: int, detail: str = ""):
+        raise FloatingPointError(f"{what} at step {step}{detail}; stopped, the last good checkpoint in {ckpt_root} "
+                                 "is kept. Lower train.lr or check the data statistics.")
+
     with open(out_dir / "metrics.jsonl", "a") as log:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             sums = np.zeros(3)
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(step * cfg.grad_accum + micro, n_rows, cfg.batch_size, cfg.seed)
-                batch = to_batch(data, idx, size, device)
+                idx = batch_indices((step * cfg.grad_accum + micro) * world + rank, n_rows, cfg.batch_size, cfg.seed)
+                batch = to_batch(data, idx, size, acc.device)
                 part = batch.pop("part")
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(**batch).logits
+                logits = model(**batch).logits
                 losses = joint_loss(logits, batch["input_ids"], part, cfg.lambda_reason)
                 if not all(torch.isfinite(x) for x in losses):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (total={losses[0].item()}, L_action={losses[1].item()}, "
-                        f"L_reasoning={losses[2].item()}); stopped, the last good checkpoint in {ckpt_root} is kept. "
-                        "Lower train.lr or check the data statistics.")
-                (losses[0] / cfg.grad_accum).backward()
+                    stop("non-finite loss", step, f" (total={losses[0].item()}, L_action={losses[1].item()}, "
+                         f"L_reasoning={losses[2].item()})")
+                acc.backward(losses[0] / cfg.grad_accum)
                 sums += [x.item() / cfg.grad_accum for x in losses]
                 seen += len(idx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
-                                         f"in {ckpt_root} is kept. Lower train.lr or check the data statistics.")
+            grad_norm = acc.clip_grad_norm_(params, cfg.clip_grad)
+            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                stop("non-finite gradient norm", step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not torch.stack([torch.isfinite(p).all() for p in params]).all():
-                raise FloatingPointError(f"non-finite weights after step {step}; stopped, the last good checkpoint "
-                                         f"in {ckpt_root} is kept. Lower train.lr or check the data statistics.")
+                stop("non-finite weights after the optimizer step", step)
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 last = dict(step=done, loss=sums[0], l_action=sums[1], l_reason=sums[2],
-                            lr=optimizer.param_groups[0]["lr"], samples_per_s=seen / (time.time() - t0))
+                            lr=optimizer.param_groups[0]["lr"], samples_per_s=world * seen / (time.time() - t0))
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{sums[0]:.3f}", act=f"{sums[1]:.3f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt_root, done, model, optimizer)
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_root, done, unwrapped, optimizer)
             if stop_after is not None and done >= stop_after:
                 break
+    acc.wait_for_everyone()
     return last
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in the first of several under ``accelerate launch``."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def read_metrics(out_dir: str | Path):
@@ -313,6 +332,8 @@ def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path) -> Path:
     print(f"tiny VLA ({model_cfg.size}): {counts['total']:,} parameters, vocabulary {tok.vocab_size}")
     data = encode_dataset(ds, tok, num_image_tokens(model), use_rationale=False, desc="encode demos")
     last = train_loop(model, data, cfg, out_dir)
+    if not is_main_process():
+        return out_dir / "model"
     meta = dict(kind="base", size=model_cfg.size, parameters=counts, final_metrics=last)
     return _save_model_dir(model, tok, out_dir / "model", meta)
 
@@ -350,6 +371,8 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
           f"({counts['trainable_pct']:.2f}%), quantization={model_cfg.quantization}, "
           f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows")
     last = train_loop(model, data, cfg, out_dir)
+    if not is_main_process():
+        return out_dir / "model"
     base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if Path(base).exists() else str(base)
     meta = dict(kind="adapter", base=base_ref, quantization=model_cfg.quantization, variant=cfg.variant,
                 use_rationale=cfg.use_rationale, lambda_reason=cfg.lambda_reason,
