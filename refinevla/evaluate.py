@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -136,8 +137,17 @@ def run_episode(env, policy, seed: int, max_steps: int, keep_frames: bool = Fals
 _WORKER: dict = {}
 
 
-def _init_worker(policy_factory, cfg: EvaluateConfig) -> None:
-    """Build this worker's policy once (each worker loads its own model)."""
+def _init_worker(policy_factory, cfg: EvaluateConfig, threads: int | None = None) -> None:
+    """Build this worker's policy once (each worker loads its own model).
+
+    In a pool, ``threads`` caps the math libraries' threads so that workers x threads fits the cores (a model that
+    grabs every core in every worker runs slower than one worker).
+    """
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
     _WORKER.clear()
     _WORKER.update(policy=policy_factory(), cfg=cfg, envs={}, backend=backend_module(cfg.backend))
 
@@ -212,7 +222,8 @@ def evaluate(policy_factory, cfg: EvaluateConfig, out_dir) -> pd.DataFrame:
     records = read_records(path)
     if cfg.retry_errors:
         records = [r for r in records if r.get("error") is None]
-        _rewrite(path, records)
+    if cfg.retry_errors or _is_torn(path):
+        _rewrite(path, records)  # keep only whole records, so that appended lines start on a fresh line
     done = {(r["task"], int(r["seed"])) for r in records}
     wanted = set(jobs)
     first_seed = cfg.seed_list()[0]
@@ -243,14 +254,26 @@ def _run_jobs(policy_factory, cfg: EvaluateConfig, todo: list):
                 yield _run_job(*job)
         finally:
             _close_worker_envs()
+            _WORKER.clear()  # drop the policy (a model can be large)
         return
     # jobs are queued task by task, so each worker builds each task's environment once and then reuses it
+    workers = min(cfg.workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(policy_factory, cfg)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(policy_factory, cfg, threads)) as pool:
         futures = [pool.submit(_run_job, *job) for job in todo]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+def _is_torn(path: Path) -> bool:
+    """True when the file's last line was cut short (no final newline), e.g. by a kill mid-write."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:

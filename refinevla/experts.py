@@ -11,6 +11,9 @@ One state machine serves all three tasks; a task only changes the heights and wh
     approach -> descend -> grasp -> lift [-> move -> place -> release -> retreat]
 
 A grasp that slips (the target drifts away from the gripper while carrying it) sends the machine back to approach.
+
+Measured (robosuite 1.5.2, 64 px, held-out seeds 10_000-10_024, through ``refinevla.evaluate``): 25/25 on each of
+lift (~30 steps), stack (~58 steps) and pick_place_can (~119 steps).
 """
 from __future__ import annotations
 
@@ -43,8 +46,8 @@ EXPERT_CONFIGS: dict[str, ExpertConfig] = {
     "lift": ExpertConfig(lift_z=0.95),
     # cubeA (half size 2 cm) released with its centre 5.5 cm above cubeB's centre (half size 2.5 cm)
     "stack": ExpertConfig(lift_z=0.93, place_dz=0.055),
-    # the can's body origin is 6 cm above its bottom and the bin walls top out at 0.90 m: carry it at 1.0 m,
-    # release it with its bottom at the walls' height over the goal marker
+    # the can's body origin is 6 cm above its bottom and the bin walls top out at 0.90 m: carry it at 1.0 m, then
+    # lower it to 6 cm above the goal marker (its bottom then inside the compartment) and let go
     "pick_place_can": ExpertConfig(lift_z=1.0, place_dz=0.06),
 }
 
@@ -85,6 +88,9 @@ class ScriptedExpert:
         eef = np.asarray(obs["state"][:3], dtype=np.float64)
         target = _find(obs["objects"], "target")
         goal = _find(obs["objects"], "goal")
+        if target is None or (goal is None and self.cfg.place_dz is not None):
+            raise ValueError(f"scripted expert needs privileged objects with a target (and goal) role, got "
+                             f"{[o.get('role') for o in obs.get('objects', [])]}")
         self._transition(eef, target, goal)
         self._steps_in_phase += 1
         p = self.phase
