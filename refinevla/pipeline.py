@@ -191,11 +191,26 @@ def run_evaluate(cfg: RunConfig, variants=VARIANTS) -> dict:
             (out / "_key").write_text(key)
             started = time.time()
             factory = policy_factory(src / "model", reasoning=reasoning, reason_every=cfg.evaluate.reason_every)
-            evaluate(factory, cfg.evaluate, out)
+            if cfg.evaluate.backend in SIMPLER_BACKENDS:
+                run_simpler_backend(factory, cfg.evaluate, out)
+            else:
+                evaluate(factory, cfg.evaluate, out)
             mark_done(out, key, cfg, started)
         summaries[variant] = summarise(read_records(out / "episodes.jsonl"), tasks=list(cfg.evaluate.tasks))
     compare_table(summaries, ci=True).to_csv(cfg.stage_dir("evaluate", "comparison.csv"))
     return summaries
+
+
+SIMPLER_BACKENDS = {"simpler": "simpler_env", "simpler_env": "simpler_env", "maniskill3": "maniskill3"}
+
+
+def run_simpler_backend(factory, ecfg, out: Path):
+    """Paper scale: SimplerEnv's own protocol (every episode to the step limit, success at the last step)."""
+    from .simpler import SimplerConfig, run_simpler
+
+    scfg = SimplerConfig(backend=SIMPLER_BACKENDS[ecfg.backend], tasks=tuple(ecfg.tasks),
+                         episodes=ecfg.episodes_per_task, image_size=ecfg.image_size)
+    return run_simpler(factory, scfg, out)
 
 
 def run_attention(cfg: RunConfig):
