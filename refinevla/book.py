@@ -87,7 +87,7 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
             raise NotebookFailed(f"{name}.ipynb failed in cell {err.exec_count} (executed copy: {output}):\n"
                                  f"{err.ename}: {err.evalue}") from None
         scrub_secrets(output)
-        key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
+        key_file.write_text(key)  # the key of the source that ran (its inputs are upstream: unchanged by it)
     return out_dir
 
 

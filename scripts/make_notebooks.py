@@ -64,12 +64,13 @@ ds'''),
 ("md", '''## The experts and what they recorded
 Expert success rate per task (the demonstrations are only as good as the experts), episodes kept and frames:'''),
 ("code", '''report.demo_stats_table(run_dir)'''),
-("md", "## What the policy sees\nThe first frame of each task, then the target-object mask the attention score uses:"),
+("md", "## What the policy sees\nThe first frame of each task, then (robosuite) the target-object mask the attention score uses:"),
 ("code", '''images, titles = report.first_frames_per_task(ds)
 report.plot_frames(images, titles);
 plt.show()
-masks, _ = report.first_frames_per_task(ds, column="target_mask")
-report.plot_frames(masks, [f"target mask: {t.split(':')[0]}" for t in titles]);'''),
+if "target_mask" in ds.column_names:  # robosuite only: a LeRobot dataset has no segmentation
+    masks, _ = report.first_frames_per_task(ds, column="target_mask")
+    report.plot_frames(masks, [f"target mask: {t.split(':')[0]}" for t in titles]);'''),
 ("md", '''## Actions
 The action bins of the tokenizer (next stages) are cut between the 1st and 99th percentile of each dimension, so the
 spread of each dimension matters. The experts do not rotate the gripper (roll, pitch, yaw stay 0).'''),
