@@ -41,3 +41,18 @@ def test_lerobot_dataset_runs_through_data_annotate_and_finetune(tmp_path, monke
         cfg.annotate.base_url = again.url
         pipeline.run_annotate(cfg)
         assert len(again.requests) == 0
+
+
+def test_data_notebook_runs_on_a_lerobot_dataset(tmp_path):
+    """The data notebook with the `dataset` parameter, through Papermill, exactly as on the robosuite default."""
+    import papermill as pm
+
+    fixture = write_lerobot_fixture(tmp_path / "src", flavour="bridge", lengths=(6, 5))
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01_data.ipynb"
+    out = tmp_path / "01_data.ipynb"
+    pm.execute_notebook(str(notebook), str(out), cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
+                        parameters=dict(preset="smoke", run="lerobot", dataset=str(fixture.root), image_size=32,
+                                        overrides={"data.episodes": "0:2"}))
+    executed = out.read_text()
+    assert "bridge_orig_lerobot" in executed  # the task column of the LeRobot rows, in the stats and frames
+    assert (tmp_path / "data" / "lerobot" / "demos" / "_done.json").exists()
