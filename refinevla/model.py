@@ -111,6 +111,29 @@ def load_base(path: str | Path, quantization: str = "none", attn_implementation:
     return PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
 
 
+def dequantize_for_inference(model) -> int:
+    """Replace every bitsandbytes 4-bit linear layer by an fp32 one holding its dequantized weight.
+
+    On a CPU, bitsandbytes dequantizes each 4-bit weight at every call and then multiplies; doing it once
+    computes the same numbers (the trained model is unchanged: LoRA adapters stay on top) about twice as fast
+    when decoding token by token. Returns the number of layers replaced. GPU inference keeps the 4-bit kernels.
+    """
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = torch.nn.Parameter(child.bias.data.float(), requires_grad=False)
+                setattr(module, name, linear)
+                replaced += 1
+    return replaced
+
+
 def num_decoder_layers(model) -> int:
     return model.config.text_config.num_hidden_layers
 

@@ -138,8 +138,12 @@ class VLAPolicy:
         return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale, action_ids
 
 
-def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager"):
-    """(model, tokenizer, meta) from a folder written by train.pretrain_base or train.finetune."""
+def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager",
+             dequantize_on_cpu: bool = True):
+    """(model, tokenizer, meta) from a folder written by train.pretrain_base or train.finetune.
+
+    A 4-bit base is loaded exactly as it was trained; on a CPU its weights are then dequantized once for
+    inference (``model.dequantize_for_inference``: the same numbers, twice as fast to decode)."""
     import json
 
     from .model import load_base
@@ -153,6 +157,7 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
     tok = VLATokenizer.load(model_dir)
     if meta["kind"] == "base":
         return load_base(model_dir, quantization or "none", attn_implementation), tok, meta
+    import torch
     from peft import PeftModel
 
     base = (model_dir / meta["base"]) if not Path(meta["base"]).is_absolute() else Path(meta["base"])
@@ -160,7 +165,12 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
     model = load_base(base, quantization or meta["quantization"], attn_implementation)
     if tok.vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(tok.vocab_size)
-    return PeftModel.from_pretrained(model, str(model_dir)), tok, meta
+    model = PeftModel.from_pretrained(model, str(model_dir))
+    if dequantize_on_cpu and not torch.cuda.is_available():
+        from .model import dequantize_for_inference
+
+        dequantize_for_inference(model)
+    return model, tok, meta
 
 
 def load_policy(model_dir: str | Path, reasoning: bool | None = None, reason_every: int = 1,

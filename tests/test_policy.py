@@ -273,3 +273,28 @@ def test_load_policy_refuses_a_folder_without_vla_json(trained, tmp_path):
         load_policy(broken)
     with pytest.raises(FileNotFoundError, match="vla.json"):
         load_policy(tmp_path / "does-not-exist")
+
+
+def test_dequantized_inference_matches_the_4bit_model(trained):
+    """On a CPU the 4-bit base is dequantized once for inference: the same logits as the 4-bit layers."""
+    import bitsandbytes as bnb
+    import torch
+
+    from refinevla.model import dequantize_for_inference
+    from refinevla.policy import load_vla
+    from refinevla.train import build_sequence
+
+    model_dir = trained.refine
+    q, tok, _ = load_vla(model_dir, dequantize_on_cpu=False)
+    d, _, _ = load_vla(model_dir)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in d.modules())
+    assert dequantize_for_inference(d) == 0
+    ds = synthetic_dataset()
+    row = ds[0]
+    ids, tt, _ = build_sequence(tok, row["instruction"], row["state"], row["action"], 16)
+    px = preprocess_images(np.asarray(row["image"]), 32)
+    with torch.no_grad():
+        a = q(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([tt]), pixel_values=px).logits
+        b = d(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([tt]), pixel_values=px).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
