@@ -15,7 +15,7 @@ PRESET ?= default
 ARGS   ?=
 TORCH  ?= cpu
 TORCH_VERSION ?= 2.13.0
-SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0 nodejs npm
+SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -48,6 +48,7 @@ setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 # EGL/Mesa for offscreen MuJoCo rendering; npm to vendor MathJax for the offline book.
 system:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \
