@@ -63,7 +63,7 @@ system:
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)" --extra-index-url https://download.pytorch.org/whl/$(TORCH)
+	$(BIN)/pip install -q --retries 1 --timeout 15 "$(TORCH_SPEC)" --extra-index-url https://download.pytorch.org/whl/$(TORCH)
 	$(BIN)/pip install -q -e ".[all]"
 	touch $(STAMP)
 
