@@ -114,21 +114,25 @@ class VLAPolicy:
             out = self.model(input_ids=torch.as_tensor([ids], device=device), cache=cache, use_cache=True, **kwargs)
             return out.logits[0, -1].float().cpu()
 
+        def feed_prefix(target):
+            """One pass over the prompt (token type 0) and the known target tokens (type 1): the training mask."""
+            types = torch.tensor([[0] * len(prompt) + [1] * len(target)], dtype=torch.long, device=device)
+            return feed(prompt + target, first=True, token_type=types)
+
         with torch.no_grad():
-            logits = feed(prompt, first=True, token_type=torch.zeros(1, len(prompt), dtype=torch.long, device=device))
-            rationale = []
-            if reasoning and forced_rationale is not None:
-                rationale = list(forced_rationale)
-                if rationale:
-                    logits = feed(rationale)
-            elif reasoning:
+            if reasoning and forced_rationale is None:  # write the rationale, token by token, until ACTION:
+                rationale = []
+                logits = feed_prefix([])
                 while len(rationale) < self.max_rationale_tokens:
                     nxt = int(torch.argmax(logits + self.text_mask))
                     if nxt == self.tok.marker_id:
                         break
                     rationale.append(nxt)
                     logits = feed([nxt])
-            logits = feed([self.tok.marker_id])
+                logits = feed([self.tok.marker_id])
+            else:  # no rationale, or one reused from an earlier step: a single pass up to ACTION:
+                rationale = list(forced_rationale or []) if reasoning else []
+                logits = feed_prefix(rationale + [self.tok.marker_id])
             action_ids = []
             for _ in range(7):
                 nxt = int(torch.argmax(logits + self.action_mask))

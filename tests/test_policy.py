@@ -142,7 +142,8 @@ def test_cached_logits_equal_one_full_forward(policy, ds):
     with torch.no_grad():
         full = policy.model(input_ids=torch.tensor([seq]), token_type_ids=tt,
                             pixel_values=preprocess_images(image, image_size(policy.model))).logits[0]
-    assert [n for n, _ in seen] == [len(prompt), len(given), 1, 1, 1, 1, 1, 1, 1]
+    # a reused rationale goes in one pass with the prompt and ACTION:, then one call per action token
+    assert [n for n, _ in seen] == [len(prompt) + len(given) + 1, 1, 1, 1, 1, 1, 1]
     position = np.cumsum([n for n, _ in seen]) - 1
     for (n, logits), p in zip(seen, position):
         torch.testing.assert_close(logits, full[p], rtol=1e-4, atol=1e-4)
