@@ -4,7 +4,7 @@
 #   make book                       PRESET=default (the embedded default, ~30 min on 2 cores)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
-#   make test                       the test suite (~10 min)
+#   make test                       the test suite (~7 min)
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
 #   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)
