@@ -48,3 +48,27 @@ def synthetic_dataset(**kw):
 @pytest.fixture
 def toy_dataset():
     return synthetic_dataset()
+
+
+# Shared by the tokenizer / model / train / policy tests: a toy dataset, a tokenizer trained on it, its sequences.
+MICRO_IMAGE_TOKENS = 16  # the micro size preset: 32 px images, 8 px patches
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic_dataset()
+
+
+@pytest.fixture(scope="module")
+def tok(ds):
+    from refinevla import train
+    from refinevla.tokens import VLATokenizer
+
+    return VLATokenizer.train_tiny(train._texts_for_tokenizer(ds), *train._stats_from(ds))
+
+
+@pytest.fixture(scope="module")
+def data(ds, tok):
+    from refinevla.train import encode_dataset
+
+    return encode_dataset(ds, tok, MICRO_IMAGE_TOKENS, use_rationale=True)

@@ -18,21 +18,6 @@ N_IMAGE = 16  # micro: 32 px / patch 8
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset()
-
-
-@pytest.fixture(scope="module")
-def tok(ds):
-    return VLATokenizer.train_tiny(train._texts_for_tokenizer(ds), *train._stats_from(ds))
-
-
-@pytest.fixture(scope="module")
-def data(ds, tok):
-    return encode_dataset(ds, tok, N_IMAGE, use_rationale=True)
-
-
-@pytest.fixture(scope="module")
 def random_model(tok):
     return build_tiny_vla("micro", tok.vocab_size, tok.image_id, tok.pad_id, seed=1).eval()
 

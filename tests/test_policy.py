@@ -21,11 +21,6 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset()
-
-
-@pytest.fixture(scope="module")
 def trained(ds, tmp_path_factory):
     """A micro base, a ReFineVLA fine-tune (rationale, 4-bit base) and a baseline fine-tune of it."""
     root = tmp_path_factory.mktemp("policy")
@@ -199,11 +194,6 @@ class PushyModel(torch.nn.Module):
             logits[self.tok.marker_id] = 100.0
         self.calls += 1
         return SimpleNamespace(logits=logits.expand(1, input_ids.shape[1], -1))
-
-
-@pytest.fixture(scope="module")
-def tok(ds):
-    return VLATokenizer.train_tiny(train._texts_for_tokenizer(ds), *train._stats_from(ds))
 
 
 def test_decoding_is_restricted_even_when_the_model_prefers_other_tokens(tok, ds):

@@ -24,21 +24,6 @@ N_IMAGE = 16  # micro: 32 px / patch 8
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset()
-
-
-@pytest.fixture(scope="module")
-def tok(ds):
-    return VLATokenizer.train_tiny(train._texts_for_tokenizer(ds), *train._stats_from(ds))
-
-
-@pytest.fixture(scope="module")
-def data(ds, tok):
-    return encode_dataset(ds, tok, N_IMAGE, use_rationale=True)
-
-
-@pytest.fixture(scope="module")
 def base_dir(ds, tmp_path_factory):
     """A pre-trained micro base (action-only, like the real pipeline's stage 1)."""
     cfg = TrainConfig(variant="pretrain", use_rationale=False, steps=30, batch_size=8, lr=3e-3, warmup_steps=3,
