@@ -276,6 +276,14 @@ class AnnotateConfig:
     cache_path: str = "cache/teacher.sqlite"  # relative to data_root unless absolute
     dry_run: bool = False               # print requests, tokens and cost, send nothing
     prices: dict = field(default_factory=dict)  # model -> [$ per 1M input, $ per 1M output], overrides
+    # The provider's Batch API instead of online requests (paper scale: teacher_batch.py)
+    batch: bool = False                 # send the misses as JSONL batch files (OpenAI, Gemini's endpoint)
+    batch_window: str = "24h"           # completion window asked of the provider
+    batch_max_requests: int = 50000     # lines per batch file (OpenAI's limit)
+    batch_max_mb: float = 190.0         # MB per batch file (OpenAI's limit is 200)
+    batch_poll_s: float = 60.0          # seconds between status checks
+    batch_timeout_s: float = 0.0        # stop waiting after this long (0 = until done); a re-run collects
+    batch_discount: float = 0.5         # batch price / online price (OpenAI and Gemini: half)
 
     def validate(self) -> None:
         """Raise naming the field when a value cannot work."""
@@ -286,6 +294,14 @@ class AnnotateConfig:
                 raise ValueError(f"AnnotateConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.stride < 0:
             raise ValueError(f"AnnotateConfig.stride must be >= 0, got {self.stride}")
+        if self.batch_max_requests < 1 or self.batch_max_mb <= 0:
+            raise ValueError("AnnotateConfig.batch_max_requests and batch_max_mb must be > 0, got "
+                             f"{self.batch_max_requests} and {self.batch_max_mb}")
+        if self.batch_poll_s < 0 or self.batch_timeout_s < 0:
+            raise ValueError("AnnotateConfig.batch_poll_s and batch_timeout_s must be >= 0, got "
+                             f"{self.batch_poll_s} and {self.batch_timeout_s}")
+        if not 0 < self.batch_discount <= 1:
+            raise ValueError(f"AnnotateConfig.batch_discount must be in (0, 1], got {self.batch_discount}")
 
     def resolved_cache_path(self) -> Path:
         return Path(self.data_root) / self.cache_path
@@ -496,9 +512,10 @@ def format_estimate(e: dict) -> str:
         return f"dry run (privileged teacher): {e['rows']} rows, {e['key_frames']} key frames, no requests, $0"
     cost = "cost unknown (no price for this model: pass AnnotateConfig.prices)" if e["cost_usd"] is None else \
         f"cost ~${e['cost_usd']:.4f} (at most ${e['cost_usd_max']:.4f} if every answer used max_tokens)"
+    how = f" in {e['batch_files']} Batch API file(s), batch price" if e.get("mode") == "batch" else ""
     return (f"dry run ({e['model']}): {e['rows']} rows, {e['key_frames']} key frames, {e['cached']} cached -> "
-            f"{e['requests']} requests, ~{e['input_tokens']:,} input + ~{e['output_tokens']:,} output tokens, "
-            f"{cost}")
+            f"{e['requests']} requests{how}, ~{e['input_tokens']:,} input + ~{e['output_tokens']:,} output "
+            f"tokens, {cost}")
 
 
 def examples(ds, n: int = 3) -> list[dict]:

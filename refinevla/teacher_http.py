@@ -78,7 +78,8 @@ class AnswerCache:
     """SQLite (WAL) store of teacher answers: key -> ok rationale with its usage, or failed with the reason."""
 
     def __init__(self, path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
@@ -97,10 +98,15 @@ class AnswerCache:
 
     def put(self, key: str, answer: "Answer", model: str) -> None:
         """Store one answer and commit it at once (ok, or failed with its reason)."""
-        self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+        self.put_many([(key, answer)], model)
+
+    def put_many(self, answers: list[tuple[str, "Answer"]], model: str) -> None:
+        """Store answers that arrived together, in one commit (all or none)."""
+        self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(
             key, "ok" if answer.rationale else "failed",
             answer.rationale.model_dump_json() if answer.rationale else None, model, PROMPT_VERSION,
-            answer.input_tokens, answer.output_tokens, answer.requests, answer.error or None, time.time()))
+            answer.input_tokens, answer.output_tokens, answer.requests, answer.error or None, time.time())
+            for key, answer in answers])
         self.db.commit()
 
     def close(self) -> None:
@@ -156,6 +162,15 @@ def build_messages(job: Job) -> list[dict]:
             {"role": "user", "content": [
                 {"type": "text", "text": user_text(job.instruction, job.state, job.action)},
                 {"type": "image_url", "image_url": {"url": png_data_url(job.image)}}]}]
+
+
+def request_body(cfg: AnnotateConfig, messages: list[dict]) -> dict:
+    """The chat-completions request body (the same online and in a batch file)."""
+    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    if cfg.json_schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "rationale", "strict": True, "schema": RESPONSE_SCHEMA}}
+    return body
 
 
 def parse_answer(content: str | None) -> tuple[Rationale | None, str]:
@@ -236,13 +251,15 @@ class HttpTeacher:
         self.throttle = Throttle()
 
     def complete(self, messages: list[dict], answer: Answer) -> str | None:
-        """One request; adds its usage to `answer`; returns the message text."""
-        extra = {"response_format": {"type": "json_schema", "json_schema": {
-            "name": "rationale", "strict": True, "schema": RESPONSE_SCHEMA}}} if self.cfg.json_schema else {}
+        """One request; adds its usage to `answer`; returns the message text.
+
+        The body is posted through the client's own `post` (same base URL, auth, timeout and error classes as
+        `chat.completions.create`): `create` first walks every message through the SDK's typed-dict
+        transformer, a third of the client's CPU per request here (benchmarks/annotate_throughput.py), and
+        our body is already plain JSON."""
         answer.requests += 1
-        response = self.client.chat.completions.create(
-            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-            max_tokens=self.cfg.max_tokens, **extra)
+        response = self.client.post("/chat/completions", body=request_body(self.cfg, messages),
+                                    cast_to=self.openai.types.chat.ChatCompletion)
         if response.usage is not None:
             answer.input_tokens += response.usage.prompt_tokens or 0
             answer.output_tokens += response.usage.completion_tokens or 0
@@ -314,18 +331,18 @@ def describe(error: Exception) -> str:
 # Running many
 
 def bounded_map(fn, items, concurrency: int):
-    """Yield (item, fn(item)) in completion order with at most `concurrency` calls in flight; `items` is
-    consumed lazily, so only the frames in flight are held in memory. `fn` must not raise. The next call
-    starts only after the consumer has taken (and stored) a result, so a crash loses at most `concurrency`."""
+    """Yield lists of (item, fn(item)), in completion order, with at most `concurrency` calls in flight;
+    `items` is consumed lazily, so only the frames in flight are held in memory. `fn` must not raise. Calls
+    that finish together come as one list (the consumer stores them with one commit); the next calls start
+    only after the consumer has taken (and stored) them, so a crash loses at most `concurrency` answers."""
     items = iter(items)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         pending = {pool.submit(fn, item): item for item in itertools.islice(items, concurrency)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield pending.pop(future), future.result()
-                for nxt in itertools.islice(items, 1):
-                    pending[pool.submit(fn, nxt)] = nxt
+            yield [(pending.pop(future), future.result()) for future in done]
+            for nxt in itertools.islice(items, len(done)):
+                pending[pool.submit(fn, nxt)] = nxt
 
 
 def cache_key(cfg: AnnotateConfig, image: np.ndarray, instruction: str, state, action) -> str:
@@ -350,8 +367,10 @@ def price(cfg: AnnotateConfig) -> tuple[float, float] | None:
 
 
 def cost_usd(cfg: AnnotateConfig, input_tokens: int, output_tokens: int) -> float | None:
+    """At the online list price, or its batch_discount share when the Batch API is used."""
     p = price(cfg)
-    return None if p is None else (input_tokens * p[0] + output_tokens * p[1]) / 1e6
+    scale = cfg.batch_discount if cfg.batch else 1.0
+    return None if p is None else (input_tokens * p[0] + output_tokens * p[1]) / 1e6 * scale
 
 
 def estimate(demos, keys: list[int], cfg: AnnotateConfig) -> dict:
@@ -370,7 +389,8 @@ def estimate(demos, keys: list[int], cfg: AnnotateConfig) -> dict:
     return {"teacher": "http", "model": cfg.model, "rows": len(demos), "key_frames": len(keys),
             "cached": len(keys) - requests, "requests": requests, "input_tokens": input_tokens,
             "output_tokens": output_tokens, "cost_usd": cost_usd(cfg, input_tokens, output_tokens),
-            "cost_usd_max": worst, "price_per_1m": price(cfg)}
+            "cost_usd_max": worst, "price_per_1m": price(cfg), "mode": "batch" if cfg.batch else "online",
+            "batch_files": -(-requests // cfg.batch_max_requests) if cfg.batch else 0}
 
 
 def run(demos, keys: list[int], cfg: AnnotateConfig) -> tuple[dict[int, Annotation], dict]:
@@ -400,10 +420,9 @@ def run(demos, keys: list[int], cfg: AnnotateConfig) -> tuple[dict[int, Annotati
                 cached["output_tokens"] += hit["output_tokens"] or 0
                 record(job, Rationale.model_validate_json(hit["rationale"]))
 
-    start = time.perf_counter()
-    try:
-        for job, answer in bounded_map(teacher.answer, misses(), cfg.concurrency):
-            cache.put(job.key, answer, cfg.model)
+    def store(pairs: list[tuple[Job, Answer]]) -> None:
+        cache.put_many([(job.key, answer) for job, answer in pairs], cfg.model)  # one commit
+        for job, answer in pairs:
             for k in totals:
                 totals[k] += getattr(answer, k)
             if answer.rationale is not None:
@@ -411,6 +430,14 @@ def run(demos, keys: list[int], cfg: AnnotateConfig) -> tuple[dict[int, Annotati
             else:
                 failures.append({"row": job.index, "error": answer.error, "requests": answer.requests})
                 bar.update()
+
+    start, batches = time.perf_counter(), None
+    try:
+        if cfg.batch:
+            batches = run_batch_mode(teacher, cache, misses(), cfg, store)
+        else:
+            for done in bounded_map(teacher.answer, misses(), cfg.concurrency):
+                store(done)
     finally:
         seconds = time.perf_counter() - start
         bar.close()
@@ -428,5 +455,39 @@ def run(demos, keys: list[int], cfg: AnnotateConfig) -> tuple[dict[int, Annotati
                "dataset_input_tokens": dataset_in, "dataset_output_tokens": dataset_out,
                "dataset_cost_usd": cost_usd(cfg, dataset_in, dataset_out),
                "failed": len(failures), "failures": failures[:50],
-               "faithfulness": summarize_faithfulness(checks)}
+               "faithfulness": summarize_faithfulness(checks), "mode": "batch" if cfg.batch else "online"}
+    if batches is not None:
+        summary.update(batches, batch_discount=cfg.batch_discount)
     return notes, summary
+
+
+def run_batch_mode(teacher: HttpTeacher, cache: AnswerCache, misses, cfg: AnnotateConfig, store) -> dict:
+    """The misses through the provider's Batch API (teacher_batch); frames whose batch is still running when
+    the wait ends are reported as failed "still running" and collected by the next run."""
+    from .teacher_batch import run_batches
+
+    waiting: dict[str, list[Job]] = {}  # key -> the frames that need its answer (pixels dropped once written)
+
+    def unique_misses():
+        for job in misses:
+            if job.key in waiting:  # the same inputs twice: one line (a batch rejects duplicate custom_ids)
+                waiting[job.key].append(job)
+                continue
+            waiting[job.key] = [job]
+            yield job
+            job.image = None  # its line is written
+
+    def on_answers(pairs: list[tuple[str, Answer]]) -> None:
+        # answers nobody here waits for (an earlier run's batch, frames since dropped or answered): kept if new
+        orphans = [(key, answer) for key, answer in pairs
+                   if key not in waiting and answer.rationale is not None and cache.get(key) is None]
+        store([(job, answer) for key, answer in pairs for job in waiting.pop(key, [])])
+        if orphans:
+            cache.put_many(orphans, cfg.model)
+
+    client = teacher.client.with_options(max_retries=cfg.max_attempts, timeout=max(cfg.timeout_s, 600.0))
+    info = run_batches(client, cache, unique_misses(), cfg, on_answers)
+    ids = ", ".join(info["batches_running"])
+    for job in [job for jobs in waiting.values() for job in jobs]:
+        store([(job, Answer(error=f"batch still running ({ids}): re-run annotate to collect it"))])
+    return info

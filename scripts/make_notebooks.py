@@ -90,7 +90,10 @@ Two teachers are implemented behind one interface:
 - the **HTTP teacher**: any OpenAI-compatible multimodal endpoint (OpenAI, Gemini's compatible endpoint, vLLM,
   Ollama) via `base_url`, with a persistent cache, bounded concurrency, retries that honour `Retry-After`, cost
   accounting and a faithfulness check against privileged state. Its API key is read from an environment variable
-  whose *name* is configured; the key never appears in a notebook, cache or this book.'''),
+  whose *name* is configured; the key never appears in a notebook, cache or this book. At paper scale
+  (`annotate.batch: true`) the same requests go through the provider's **Batch API** instead (OpenAI, and Gemini
+  through its OpenAI-compatible endpoint): JSONL files answered within a day at half the price, collected by the
+  next run if this one stops waiting, into the same cache.'''),
 ("params", PARAMETERS), ("code", SETUP),
 ("code", '''annotated = pipeline.run_annotate(cfg)
 print(f"{len(annotated)} frames annotated by the {cfg.annotate.teacher} teacher")'''),

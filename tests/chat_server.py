@@ -14,12 +14,22 @@ queue (served to the next requests in order) or from a rule (a function of the r
     with ChatServer(latency_s=0.1) as server:   # server.url -> "http://127.0.0.1:<port>/v1"
         ...
 
+It also speaks the Batch API (POST /v1/files multipart upload with purpose=batch, GET /v1/files/{id}/content,
+POST /v1/batches, GET /v1/batches/{id}, GET /v1/batches): a batch stays `in_progress` for `batch_polls`
+retrieves, then runs each line through the same answer and fault machinery (one logged request per line, with
+the header "x-batch-id"), writing the 200 answers to its output file and the others to its error file. Faults
+for a whole batch come from `batch_script` (one per created batch, in order):
+
+    {"status": "expired", "after": 3}   only the first 3 lines are answered, then the window ends
+    {"status": "failed", "message": "..."}   validation fails: no line is answered
+
 Standalone (the benchmark runs it in its own process so that it does not share the client's GIL):
     python tests/chat_server.py --latency 0.1      # prints the URL, serves until killed
 """
 from __future__ import annotations
 
 import argparse
+import email.parser
 import json
 import re
 import threading
@@ -60,12 +70,15 @@ class ChatServer:
         self.requests: list[dict] = []       # {"n", "path", "headers", "body", "time"} per request
         self.lock = threading.Lock()
         self.httpd = None
+        # the Batch API
+        self.files: dict[str, dict] = {}     # id -> {"data": bytes, "filename", "purpose"}
+        self.batches: dict[str, dict] = {}   # id -> the batch object (+ "_polls": retrieves left before it runs)
+        self.batch_polls = 1                 # retrieves a batch stays in_progress for
+        self.batch_script: deque[dict] = deque()
 
     # -- life cycle
     def start(self) -> "ChatServer":
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 256
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.chat = self
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
@@ -100,6 +113,7 @@ class ChatServer:
             self.requests.clear()
             self.script.clear()
             self.rule = None
+            self.batch_script.clear()
 
     # -- called by the handler
     def admit(self, path: str, headers: dict, body: dict) -> dict:
@@ -112,6 +126,92 @@ class ChatServer:
             rule = self.rule
         return (rule(n, body) if rule else None) or {}
 
+    def completion(self, body: dict, fault: dict) -> tuple[int, dict]:
+        """(status, JSON body) of one chat completion under `fault` (the latency is the caller's)."""
+        if "status" in fault:
+            return fault["status"], {"error": {"message": fault.get("message", f"injected {fault['status']}"),
+                                               "type": "injected"}}
+        content = fault["content"] if "content" in fault else self.answer(body)
+        choices = [] if fault.get("empty_choices") else [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
+        return 200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
+                     "created": int(time.time()), "model": body.get("model", "fake"), "choices": choices,
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+    # -- the Batch API
+    def add_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        with self.lock:
+            file_id = f"file-{len(self.files)}"
+            self.files[file_id] = {"data": data, "filename": filename, "purpose": purpose}
+        return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed"}
+
+    def create_batch(self, req: dict) -> dict:
+        with self.lock:
+            batch_id = f"batch_{len(self.batches)}"
+            fault = self.batch_script.popleft() if self.batch_script else {}
+            batch = {"id": batch_id, "object": "batch", "endpoint": req["endpoint"], "errors": None,
+                     "input_file_id": req["input_file_id"], "completion_window": req["completion_window"],
+                     "status": "validating", "output_file_id": None, "error_file_id": None,
+                     "created_at": int(time.time()), "metadata": req.get("metadata"),
+                     "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                     "_polls": self.batch_polls, "_fault": fault}
+            self.batches[batch_id] = batch
+        return public(batch)
+
+    def retrieve_batch(self, batch_id: str) -> dict | None:
+        with self.lock:
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                return None
+            batch["_polls"] -= 1
+            due = batch["status"] in ("validating", "in_progress") and batch["_polls"] < 0
+            if not due and batch["status"] == "validating":
+                batch["status"] = "in_progress"
+        if due:
+            self.run_batch(batch)
+        return public(batch)
+
+    def run_batch(self, batch: dict) -> None:
+        """Answer the batch's lines (each one logged like an online request) and write its result files."""
+        fault = batch["_fault"]
+        if fault.get("status") == "failed":
+            batch.update(status="failed", errors={"object": "list", "data": [
+                {"code": "invalid_request", "message": fault.get("message", "injected failure"), "line": 1}]})
+            return
+        lines = [json.loads(x) for x in self.files[batch["input_file_id"]]["data"].decode().splitlines() if x]
+        answered = lines[:fault["after"]] if fault.get("status") == "expired" else lines
+        out, err = [], []
+        for line in answered:
+            body = line["body"]
+            line_fault = self.admit(line["url"], {"x-batch-id": batch["id"]}, body)
+            status, obj = self.completion(body, line_fault)
+            record = {"id": f"batch_req_{time.monotonic_ns()}", "custom_id": line["custom_id"],
+                      "response": {"status_code": status, "request_id": "req", "body": obj}, "error": None}
+            (out if status == 200 else err).append(json.dumps(record))
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                batch[name] = self.add_file(("\n".join(rows) + "\n").encode(), f"{batch['id']}_{name}.jsonl",
+                                            "batch_output")["id"]
+        batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+        batch["status"] = fault.get("status", "completed")
+
+
+def public(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def multipart_fields(content_type: str, raw: bytes) -> dict:
+    """name -> (filename, bytes) of a multipart/form-data body (what the SDK's file upload sends)."""
+    message = email.parser.BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    return {part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
+            for part in message.get_payload()}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog: read when the socket is bound, so a class attribute
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the SDK reuses connections
@@ -122,31 +222,50 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        chat, path = self.server.chat, self.path.rstrip("/")
+        if path == "/v1/files":
+            fields = multipart_fields(self.headers.get("Content-Type", ""), raw)
+            filename, data = fields["file"]
+            return self.reply(200, chat.add_file(data, filename, fields["purpose"][1].decode()))
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
             body = {"_raw": raw.decode(errors="replace")}
-        chat = self.server.chat
+        if path == "/v1/batches":
+            if body.get("input_file_id") not in chat.files:
+                return self.reply(400, {"error": {"message": "no such input file", "type": "invalid_request"}})
+            return self.reply(200, chat.create_batch(body))
         fault = chat.admit(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        if path != "/v1/chat/completions":
             return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         time.sleep(chat.latency_s + fault.get("delay", 0.0))
-        if "status" in fault:
-            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
-            message = fault.get("message", f"injected {fault['status']}")
-            return self.reply(fault["status"], {"error": {"message": message, "type": "injected"}}, headers)
-        content = fault["content"] if "content" in fault else chat.answer(body)
-        choices = [] if fault.get("empty_choices") else [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
-        self.reply(200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
-                         "created": int(time.time()), "model": body.get("model", "fake"), "choices": choices,
-                         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
+        status, obj = chat.completion(body, fault)
+        headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+        self.reply(status, obj, headers)
+
+    def do_GET(self) -> None:
+        chat, path = self.server.chat, self.path.split("?")[0].rstrip("/")
+        m = re.fullmatch(r"/v1/files/([^/]+)/content", path)
+        if m and m.group(1) in chat.files:
+            return self.reply_bytes(200, chat.files[m.group(1)]["data"], "application/octet-stream")
+        m = re.fullmatch(r"/v1/batches/([^/]+)", path)
+        if m and (batch := chat.retrieve_batch(m.group(1))) is not None:
+            return self.reply(200, batch)
+        if path == "/v1/batches":
+            with chat.lock:
+                data = [public(b) for b in reversed(chat.batches.values())]  # newest first, like the API
+            return self.reply(200, {"object": "list", "data": data, "has_more": False,
+                                    "first_id": data[0]["id"] if data else None,
+                                    "last_id": data[-1]["id"] if data else None})
+        self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
     def reply(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
+        self.reply_bytes(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def reply_bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
