@@ -12,6 +12,9 @@ state and action, at paper scale (~125k frames), where cost, rate limits and cra
   its attempts is stored as failed with the reason and asked again on the next run. The API key is read
   from the environment variable *named* by `api_key_env` and is never written anywhere.
 
+At paper scale, `batch: true` sends the same request bodies through the provider's Batch API instead
+(teacher_batch.py), into the same cache.
+
 The cache key covers the model, temperature, max_tokens, json_schema, the prompt version, the image pixels,
 the instruction, the state and the action (all of which are sent). It leaves out `base_url`: the same model
 behind another address (a proxy, a mirror) reuses the cache.
