@@ -157,6 +157,54 @@ def benchmark_results(repo_dir) -> dict:
     return out
 
 
+def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
+    """(title, table, note) for each benchmark result: the measured figures beside their targets, in words a
+    reader can check; a benchmark this function does not know is shown as its flattened JSON."""
+    out = []
+    for name, r in results.items():
+        when = f"measured {r.get('when', '?')} on {_machine(r.get('machine'))}"
+        if name == "annotate_throughput":
+            rows = pd.DataFrame(r["cold"] + r.get("cold_realistic_latency", []))
+            cols = {"latency_s": "latency (s)", "concurrency": "concurrency", "requests": "requests",
+                    "requests_per_s": "requests/s", "ideal_per_s": "ideal/s", "ratio": "ratio to ideal",
+                    "client_cpu_ms_per_request": "client CPU ms/request",
+                    "server_cpu_ms_per_request": "server CPU ms/request", "cpu_ceiling_per_s": "CPU ceiling/s"}
+            table = rows[[c for c in cols if c in rows]].rename(columns=cols)
+            note = (f"HTTP teacher against a local server with a fixed latency; target ratio >= {r['target_ratio']}. "
+                    f"CPU ceiling = cores x 1000 / (client + server CPU ms per request)."
+                    + (f" Bare openai SDK call: {r['cached']['sdk_cpu_ms_per_request']} ms CPU per request."
+                       if "sdk_cpu_ms_per_request" in r.get("cached", {}) else "")
+                    + f" Cached re-run: {r['cached']['rows_per_s']:.0f} rows/s (0 requests); privileged teacher: "
+                    f"{r['privileged']['rows_per_s']:.0f} rows/s"
+                    + (f"; Batch API path, client side: {r['batch_api']['rows_per_s']:.0f} rows/s"
+                       if "batch_api" in r else "") + f". {when}.")
+        elif name == "train_memory_speed" and "summary" in r:
+            table = pd.DataFrame(r["summary"])
+            note = (f"LoRA on an fp32 base vs on the same base in 4-bit (nf4), {r['model']['parameters'] / 1e6:.0f}M "
+                    f"parameters, CPU; peak = resident memory above the pre-load baseline; target 4-bit peak <= "
+                    f"{r.get('target_peak_ratio', 0.4)} x fp32. {when}.")
+        elif name == "eval_overhead":
+            table = pd.DataFrame({"value": {
+                "bare step + render loop (steps/s)": round(r["raw_steps_per_s"], 1),
+                "evaluation harness (steps/s)": round(r["harness_steps_per_s"], 1),
+                "harness overhead (wall)": f"{r['overhead']:+.1%}",
+                "harness overhead (CPU)": f"{r['overhead_cpu']:+.1%}"}})
+            note = (f"Closed-loop harness vs a bare robosuite loop, {r['task']}, {r['episodes']} episodes x "
+                    f"{r['repeats']} repeats at {r['image_size']} px; target overhead <= 10%. {when}.")
+        else:
+            table = pd.json_normalize(r, sep=".").T.rename(columns={0: "value"})
+            note = when
+        out.append((name, table, note))
+    return out
+
+
+def _machine(m) -> str:
+    if not isinstance(m, dict):
+        return "an unrecorded machine"
+    cpus = m.get("cpus") or m.get("cpu_count")
+    return f"{cpus} CPU cores" if cpus else "this machine"
+
+
 # ---------------------------------------------------------------------------------------- reproducibility
 def environment_info(repo_dir) -> pd.DataFrame:
     """Package versions, git commit and machine: what a reader needs to re-run this exact book."""

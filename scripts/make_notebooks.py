@@ -231,9 +231,9 @@ compare_table(summaries, ci=True)'''),
 ("code", '''bench = report.benchmark_results(".")
 if not bench:
     print("No benchmark results yet: run `make bench`.")
-for name, result in bench.items():
-    display(Markdown(f"**{name}**"))
-    display(pd.json_normalize(result, sep=".").T.rename(columns={0: "value"}))'''),
+for name, table, note in report.benchmark_tables(bench):
+    display(Markdown(f"**{name}**: {note}"))
+    display(table)'''),
 ("md", "## Reproducibility\nThe package versions, commit and machine of this run, then its full resolved configuration:"),
 ("code", '''report.environment_info(".")'''),
 ("code", '''print((run_dir / "evaluate" / "refinevla" / "config.yaml").read_text())'''),
