@@ -40,7 +40,7 @@ lab: setup
 
 bench: setup
 	$(BIN)/python benchmarks/annotate_throughput.py
-	$(BIN)/python benchmarks/train_memory_speed.py
+	$(BIN)/python benchmarks/train_memory_speed.py --steps 3 --allocator --grad-checkpointing
 	$(BIN)/python benchmarks/eval_overhead.py
 
 setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js

@@ -16,16 +16,25 @@ Method:
   (writes ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0; where that fails, the peak so far stays in the
   figure and the JSON says so) and reads ``VmRSS`` from ``/proc/self/status`` as the baseline. It then loads
   the base, adds LoRA and trains; the figure is ``VmHWM - baseline`` (the peak resident set above the
-  baseline), in MB (10^6 bytes). ``ru_maxrss`` is recorded alongside as a check.
+  baseline), in MB (10^6 bytes). ``ru_maxrss`` is recorded alongside as a check, and at the baseline and after
+  the last step where the resident memory is (``memory_at_*``: anonymous vs file-backed pages, i.e. the weights
+  mapped from safetensors; glibc's heap in use vs freed but kept, from ``mallinfo2``).
 - Speed: optimizer steps per second over ``--steps`` steps after ``--warmup`` untimed steps, each step one
   forward + backward + clip + AdamW step exactly like ``refinevla.train.train_loop``, on ``--threads`` threads.
 - Optionally (``--allocator``) both variants again under a glibc malloc tuned to give memory back
   (``MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_MMAP_THRESHOLD_=65536``): bitsandbytes' CPU 4-bit
   matmul dequantises each weight into a temporary buffer on every call, and with glibc's defaults freed
   buffers stay resident.
+- Optionally (``--grad-checkpointing``) both variants again with gradient checkpointing
+  (``train.gradient_checkpointing``: ``refinevla.model.add_lora(..., gradient_checkpointing=True)``,
+  non-reentrant; each decoder layer keeps only its input and recomputes its activations in the backward pass).
+  With both options every malloc setting is run with and without it. Checkpointing changes neither the model,
+  the LoRA nor the batches, and the losses are the same (recorded per row).
+- The summary has one row per setting (``malloc`` x ``grad_checkpointing``): both peaks, their ratio (target
+  ``nf4 <= 0.4 x fp32``), both speeds and their ratio.
 
-    .venv/bin/python benchmarks/train_memory_speed.py                          # ~3 min on 1 thread
-    .venv/bin/python benchmarks/train_memory_speed.py --steps 3 --allocator    # + the allocator effect
+    .venv/bin/python benchmarks/train_memory_speed.py                          # ~1 min on 1 thread
+    .venv/bin/python benchmarks/train_memory_speed.py --steps 3 --allocator --grad-checkpointing   # all rows, ~3 min
 Writes benchmarks/results/train_memory_speed.json. On a GPU, use torch.cuda.max_memory_allocated instead.
 """
 from __future__ import annotations
@@ -42,6 +51,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SIZE = "bench50m"
+TARGET_PEAK_RATIO = 0.4  # issue #4: the 4-bit variant's peak at most 0.4 x the fp32 one
 TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 INSTRUCTIONS = ["pick up the red cube", "put the carrot on the plate", "stack the green block on the yellow block"]
 RATIONALE = ("observation : the gripper is above the table and the cube is to the left . situation : the gripper "
@@ -68,6 +78,26 @@ def reset_peak() -> bool:
 
 def mb(kb: int) -> float:
     return round(kb * 1024 / 1e6, 1)
+
+
+def memory_breakdown() -> dict:
+    """Where the resident memory is now, in MB: anonymous vs file-backed pages (safetensors weights are mapped
+    from the file), and glibc's heap: bytes in use vs freed bytes it keeps (mallinfo2, glibc >= 2.33)."""
+    import ctypes
+
+    out = dict(rss_anon_mb=mb(proc_status_kb("RssAnon")), rss_file_mb=mb(proc_status_kb("RssFile")))
+    try:
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        m = libc.mallinfo2()
+        out.update(malloc_in_use_mb=round((m.uordblks + m.hblkhd) / 1e6, 1),
+                   malloc_free_kept_mb=round(m.fordblks / 1e6, 1))
+    except (OSError, AttributeError):
+        out.update(malloc_in_use_mb=None, malloc_free_kept_mb=None)
+    return out
 
 
 # ------------------------------------------------------------------------------------ the pieces
@@ -124,7 +154,8 @@ def quantise(work: Path) -> dict:
     return dict(nf4_file_mb=round(size / 1e6, 1), nf4_counted_parameters=parameter_counts(model)["total"])
 
 
-def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads: int) -> dict:
+def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads: int,
+          checkpointing: bool = False) -> dict:
     """One variant in this (fresh) process: baseline after imports and data, then load, LoRA, train."""
     import resource
 
@@ -152,12 +183,13 @@ def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads
     warm = synthetic_batches(tok, (SIZES["micro"]["image_size"] // SIZES["micro"]["patch_size"]) ** 2,
                              SIZES["micro"]["image_size"], batch, 1)[0]
     warm_part = warm.pop("part")
-    joint_loss(micro(**warm).logits, warm["input_ids"], warm_part, 0.5)[0].backward()
+    joint_loss(micro(**warm, use_cache=False).logits, warm["input_ids"], warm_part, 0.5)[0].backward()
     del micro, warm
 
     reset = reset_peak()
     baseline_kb = proc_status_kb("VmRSS")
     hwm_at_baseline_kb = proc_status_kb("VmHWM")
+    memory_at_baseline = memory_breakdown()
     t_load = time.perf_counter()
     if variant == "fp32":
         model = load_base(work / "fp32", "none")
@@ -166,7 +198,7 @@ def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads
     top_half = s["text_layers"] // 2
     torch.manual_seed(0)
     model = add_lora(model, ModelConfig(size=SIZE, quantization="4bit" if variant == "nf4" else "none",
-                                        tune_top_k_layers=top_half))
+                                        tune_top_k_layers=top_half), gradient_checkpointing=checkpointing)
     load_s = time.perf_counter() - t_load
     after_load_kb = proc_status_kb("VmRSS")
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -178,7 +210,7 @@ def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads
         b = dict(b)
         part = b.pop("part")
         t0 = time.perf_counter()
-        logits = model(**b).logits
+        logits = model(**b, use_cache=False).logits
         loss = joint_loss(logits, b["input_ids"], part, 0.5)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -188,15 +220,21 @@ def child(variant: str, work: Path, steps: int, warmup: int, batch: int, threads
             times.append(time.perf_counter() - t0)
         losses.append(round(loss.item(), 4))
     peak_kb = proc_status_kb("VmHWM")
+    memory_at_end = memory_breakdown()
     counts = parameter_counts(model)
-    return dict(variant=variant, linear4bit_modules=n4, parameters=counts["total"], trainable=counts["trainable"],
+    base = model.get_base_model()
+    active = (base.is_activation_checkpointing if hasattr(base, "is_activation_checkpointing")
+              else base.is_gradient_checkpointing)
+    return dict(variant=variant, grad_checkpointing=checkpointing, checkpointing_active=active,
+                linear4bit_modules=n4, parameters=counts["total"], trainable=counts["trainable"],
                 lora_layers=top_half, tokens_per_row=int(batches[0]["attention_mask"].sum(1).max()),
                 steps_timed=len(times), step_s=[round(t, 3) for t in times],
                 steps_per_s=round(len(times) / sum(times), 4), load_s=round(load_s, 2),
                 baseline_rss_mb=mb(baseline_kb), peak_reset=reset,
                 hwm_at_baseline_mb=mb(hwm_at_baseline_kb), after_load_rss_mb=mb(after_load_kb),
                 peak_hwm_mb=mb(peak_kb), peak_above_baseline_mb=mb(peak_kb - baseline_kb),
-                ru_maxrss_mb=mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), losses=losses)
+                ru_maxrss_mb=mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), losses=losses,
+                memory_at_baseline=memory_at_baseline, memory_at_end=memory_at_end)
 
 
 # ------------------------------------------------------------------------------------ orchestration
@@ -204,7 +242,7 @@ def run_child(args, role: str, work: Path, env_extra: dict | None = None, varian
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     cmd = [sys.executable, __file__, "--role", role, "--work", str(work), "--variant", variant,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--checkpointing"] if args.checkpointing else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{role} {variant} failed:\n{proc.stderr[-3000:]}")
@@ -219,16 +257,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allocator", action="store_true", help="also run both variants with a tuned glibc malloc")
     ap.add_argument("--allocator-steps", type=int, default=2, help="timed steps under the tuned malloc (slow)")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="also run both variants (under each malloc) with gradient checkpointing")
     ap.add_argument("--out", default=str(HERE / "results" / "train_memory_speed.json"))
     ap.add_argument("--role", default="main", choices=["main", "prepare", "quantise", "child"], help=argparse.SUPPRESS)
     ap.add_argument("--work", default="", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.role != "main":
         work = Path(args.work)
         result = (prepare(work) if args.role == "prepare" else quantise(work) if args.role == "quantise"
-                  else child(args.variant, work, args.steps, args.warmup, args.batch, args.threads))
+                  else child(args.variant, work, args.steps, args.warmup, args.batch, args.threads,
+                             args.checkpointing))
         print(json.dumps(result))
         return
 
@@ -239,34 +281,37 @@ def main() -> None:
         model_info.update(run_child(args, "quantise", work))
         print(f"{SIZE}: {model_info['parameters']:,} parameters (vocabulary {model_info['vocab']}); "
               f"nf4 file {model_info['nf4_file_mb']} MB")
-        settings = [("default", {})] + ([("tuned", TUNED_MALLOC)] if args.allocator else [])
+        mallocs = [("default", {})] + ([("tuned", TUNED_MALLOC)] if args.allocator else [])
+        settings = [(name, env, ckpt) for name, env in mallocs
+                    for ckpt in ((False, True) if args.grad_checkpointing else (False,))]
         rows = []
-        for name, env in settings:
+        for name, env, ckpt in settings:
             steps = args.steps if name == "default" else args.allocator_steps
-            sub = argparse.Namespace(**{**vars(args), "steps": steps})
+            sub = argparse.Namespace(**{**vars(args), "steps": steps, "checkpointing": ckpt})
             for variant in ("fp32", "nf4"):
                 r = run_child(sub, "child", work, env, variant)
                 r["malloc"] = name
                 rows.append(r)
-                print(f"  {name:8s} {variant:5s} peak +{r['peak_above_baseline_mb']:7.1f} MB  "
-                      f"{r['steps_per_s']:.3f} steps/s", flush=True)
+                print(f"  {name:8s} {'ckpt' if ckpt else '':4s} {variant:5s} peak +{r['peak_above_baseline_mb']:7.1f} "
+                      f"MB  {r['steps_per_s']:.3f} steps/s", flush=True)
 
     summary = []
-    for name, _ in settings:
-        fp32, nf4 = (next(r for r in rows if r["malloc"] == name and r["variant"] == v) for v in ("fp32", "nf4"))
-        summary.append(dict(malloc=name, fp32_peak_mb=fp32["peak_above_baseline_mb"],
+    for name, _, ckpt in settings:
+        fp32, nf4 = (next(r for r in rows if r["malloc"] == name and r["grad_checkpointing"] == ckpt
+                          and r["variant"] == v) for v in ("fp32", "nf4"))
+        summary.append(dict(malloc=name, grad_checkpointing=ckpt, fp32_peak_mb=fp32["peak_above_baseline_mb"],
                             nf4_peak_mb=nf4["peak_above_baseline_mb"],
                             peak_ratio=round(nf4["peak_above_baseline_mb"] / fp32["peak_above_baseline_mb"], 3),
                             fp32_steps_per_s=fp32["steps_per_s"], nf4_steps_per_s=nf4["steps_per_s"],
                             speed_ratio=round(nf4["steps_per_s"] / fp32["steps_per_s"], 3)))
 
-    print(f"\n{'malloc':8s} {'variant':7s} {'peak MB':>9s} {'steps/s':>8s} {'s/step':>7s}")
+    print(f"\n{'malloc':8s} {'ckpt':5s} {'variant':7s} {'peak MB':>9s} {'steps/s':>8s} {'s/step':>7s}")
     for r in rows:
-        print(f"{r['malloc']:8s} {r['variant']:7s} {r['peak_above_baseline_mb']:9.1f} {r['steps_per_s']:8.3f} "
-              f"{1 / r['steps_per_s']:7.2f}")
+        print(f"{r['malloc']:8s} {str(r['grad_checkpointing']):5s} {r['variant']:7s} "
+              f"{r['peak_above_baseline_mb']:9.1f} {r['steps_per_s']:8.3f} {1 / r['steps_per_s']:7.2f}")
     for s in summary:
-        print(f"{s['malloc']:8s} nf4/fp32 peak ratio {s['peak_ratio']:.2f} (target <= 0.40), "
-              f"speed ratio {s['speed_ratio']:.2f}")
+        print(f"{s['malloc']:8s} {str(s['grad_checkpointing']):5s} nf4/fp32 peak ratio {s['peak_ratio']:.2f} "
+              f"(target <= {TARGET_PEAK_RATIO:.2f}), speed ratio {s['speed_ratio']:.2f}")
 
     import bitsandbytes
     import peft
@@ -276,12 +321,14 @@ def main() -> None:
     result = dict(benchmark="train_memory_speed", size=SIZE, model=model_info,
                   settings=dict(steps=args.steps, warmup=args.warmup, batch=args.batch, threads=args.threads,
                                 allocator_steps=args.allocator_steps if args.allocator else None,
+                                grad_checkpointing=[False, True] if args.grad_checkpointing else [False],
                                 tuned_malloc=TUNED_MALLOC, lora=dict(r=16, alpha=32, top_k_layers="half")),
                   method=("each variant in a fresh process; peak = VmHWM - VmRSS baseline (after all imports, the "
                           "data and a micro-model forward/backward; VmHWM reset via /proc/self/clear_refs); nf4 "
                           "base saved pre-quantised once and loaded pre-quantised; steps/s over the timed steps "
-                          "after warmup"),
-                  summary=summary, rows=rows, wall_s=round(time.time() - t0, 1),
+                          "after warmup; gradient checkpointing (where on) non-reentrant, on the base before LoRA"),
+                  target_peak_ratio=TARGET_PEAK_RATIO, summary=summary, rows=rows, wall_s=round(time.time() - t0, 1),
+                  when=time.strftime("%Y-%m-%d %H:%M:%S"),
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 transformers=transformers.__version__, peft=peft.__version__,
                                 bitsandbytes=bitsandbytes.__version__),

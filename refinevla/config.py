@@ -103,6 +103,8 @@ ALIASES = {
     "tasks": ["data.tasks", "evaluate.tasks"],
     "image_size": ["data.image_size", "evaluate.image_size"],
     "seed": ["data.seed", "pretrain.seed", "baseline.seed", "refinevla.seed"],
+    "gradient_checkpointing": ["pretrain.gradient_checkpointing", "baseline.gradient_checkpointing",
+                               "refinevla.gradient_checkpointing"],
     "teacher": "annotate.teacher",
     "base_url": "annotate.base_url",
     "teacher_model": "annotate.model",

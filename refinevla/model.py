@@ -146,26 +146,54 @@ def top_layers(model, k: int) -> list[int]:
     return list(range(n - k, n))
 
 
-def add_lora(model, cfg: ModelConfig, trainable_token_ids=None):
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (activation memory of
+    about one layer instead of all of them, for roughly one more forward pass per step).
+
+    Non-reentrant ``torch.utils.checkpoint``: it gives gradients to the trainable weights inside a checkpointed
+    layer (LoRA) even when the layer's input does not require grad, so the hook that transformers (and peft, in
+    ``get_peft_model``) put on the input embeddings for the reentrant variant is removed: it would make the
+    frozen lower layers back-propagate for nothing. ``use_cache`` is switched off per call in the training loop.
+    """
+    import warnings
+
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():  # gradient_checkpointing_enable is the pre-5.x name, deprecated for v6
+        warnings.simplefilter("ignore", FutureWarning)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def add_lora(model, cfg: ModelConfig, trainable_token_ids=None, gradient_checkpointing: bool = False):
     """Freeze everything, then put LoRA adapters on the top K decoder layers (vision tower excluded).
 
     ``trainable_token_ids``: rows of the token embedding, tied to the policy head, that are trained as well
-    (peft's trainable tokens; only these rows, not the whole vocabulary)."""
+    (peft's trainable tokens; only these rows, not the whole vocabulary). ``gradient_checkpointing``: see
+    ``enable_gradient_checkpointing`` (switched on in the base before the adapters are added)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     layers = top_layers(model, cfg.tune_top_k_layers)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         import warnings
 
         with warnings.catch_warnings():  # peft still calls a transformers method deprecated for v6
             warnings.simplefilter("ignore", FutureWarning)
+            # False leaves checkpointing as set above; peft's own would add the input-embedding hook again
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
                       exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none",
                       trainable_token_indices=None if trainable_token_ids is None
                       else {"embed_tokens": sorted(int(t) for t in trainable_token_ids)})
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    if gradient_checkpointing:  # peft hooks the input embeddings of a checkpointed unquantised base again
+        model.disable_input_require_grads()
+    return peft_model
 
 
 def parameter_counts(model) -> dict:

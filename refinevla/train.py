@@ -54,6 +54,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 2                  # CPU threads for torch
     max_rationale_tokens: int = 96    # rationales are cut to this many tokens
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (paper scale)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -237,7 +238,7 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
                 idx = batch_indices((step * cfg.grad_accum + micro) * world + rank, n_rows, cfg.batch_size, cfg.seed)
                 batch = to_batch(data, idx, size, acc.device)
                 part = batch.pop("part")
-                logits = model(**batch).logits
+                logits = model(**batch, use_cache=False).logits  # no KV cache in training
                 losses = joint_loss(logits, batch["input_ids"], part, cfg.lambda_reason)
                 if not all(torch.isfinite(x) for x in losses):
                     stop("non-finite loss", step, f" (total={losses[0].item()}, L_action={losses[1].item()}, "
@@ -321,13 +322,15 @@ def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path) -> Path:
     Trains the tokenizer (instructions + rationales + bin tokens) first, so the fine-tunes share its vocabulary.
     Returns out_dir/model (config.json, model.safetensors, tokenizer, vla_tokens.json, vla.json).
     """
-    from .model import build_tiny_vla, parameter_counts
+    from .model import build_tiny_vla, enable_gradient_checkpointing, parameter_counts
 
     out_dir = Path(out_dir)
     action_stats, state_stats = _stats_from(ds)
     tok = VLATokenizer.train_tiny(_texts_for_tokenizer(ds), action_stats, state_stats)
     model = build_tiny_vla(model_cfg.size, tok.vocab_size, tok.image_id, tok.pad_id, seed=cfg.seed,
                            attn_implementation=model_cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     counts = parameter_counts(model)
     print(f"tiny VLA ({model_cfg.size}): {counts['total']:,} parameters, vocabulary {tok.vocab_size}")
     data = encode_dataset(ds, tok, num_image_tokens(model), use_rationale=False, desc="encode demos")
@@ -365,11 +368,13 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     # the policy head (tied to the embeddings) is trained on the rows of the target tokens: the paper updates
     # "the upper layers and the policy head"; frozen rows of words the base never wrote cap L_reasoning
     head_ids = np.unique(np.concatenate([data["input_ids"][data["part"] != PREFIX], tok.action_ids, [tok.marker_id]]))
-    model = add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist())
+    model = add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist(),
+                     gradient_checkpointing=cfg.gradient_checkpointing)
     counts = parameter_counts(model)
     print(f"{cfg.variant}: trainable {counts['trainable']:,} / {counts['total']:,} parameters "
           f"({counts['trainable_pct']:.2f}%), quantization={model_cfg.quantization}, "
-          f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows")
+          f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows"
+          + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
     last = train_loop(model, data, cfg, out_dir)
     if not is_main_process():
         return out_dir / "model"
