@@ -174,3 +174,18 @@ def test_4bit_base_holds_linear4bit_and_only_lora_weights_change(base_dir, data,
     assert all(torch.equal(before[k], after[k]) for k in frozen), \
         [k for k in frozen if not torch.equal(before[k], after[k])][:5]
 
+
+
+def test_8bit_base_holds_linear8bitlt_and_trains_on_cpu(base_dir, data, tmp_path):
+    """quantization: 8bit (bitsandbytes LLM.int8) is the same path as 4-bit: quantised frozen base, LoRA trains."""
+    import bitsandbytes as bnb
+
+    model = _lora_model(base_dir, 1, "8bit")
+    q8 = [n for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear8bitLt)]
+    assert any("language_model.layers.0.mlp" in n for n in q8) and any(p.dtype == torch.int8 for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    train_loop(model, data, TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=0, checkpoint_every=1000,
+                                        log_every=1, threads=1), tmp_path)
+    metrics = train.read_metrics(tmp_path)
+    assert len(metrics) == 2 and np.isfinite(metrics["loss"]).all()
+    assert before and all(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
