@@ -58,6 +58,7 @@ class AttentionConfig:
     reasoning: bool | None = None     # None: reason when the model was trained with rationales (vla.json)
     max_rationale_tokens: int = 96
     threads: int = 2                  # CPU threads for torch
+    open_loop: bool = True            # also score each decoded action against the expert's (frames.csv)
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -334,7 +335,29 @@ def frame_attention(model, tok, image, instruction: str, state, cfg: AttentionCo
     n_image = num_image_tokens(model)
     vec, mass = image_attention(att, queries, n_image, cfg.layer, cfg.aggregation, cfg.residual)
     return dict(map=to_grid(vec), image_mass=mass, n_queries=len(queries),
-                rationale=tok.decode_text(rationale_ids), action=tok.ids_to_action(action_ids))
+                rationale=tok.decode_text(rationale_ids), action=tok.ids_to_action(action_ids),
+                action_ids=action_ids)
+
+
+def action_errors(tok, action_ids, expert_action, prefix: str = "") -> dict:
+    """How far a decoded action is from the expert's, in bins: the mean |bin difference| over the six arm
+    dimensions, and whether the gripper command agrees (open vs close)."""
+    expert = np.asarray(expert_action, np.float32)
+    diff = np.abs(tok.ids_to_bins(action_ids)[:6] - tok.ids_to_bins(tok.action_to_ids(expert))[:6])
+    gripper = tok.ids_to_action(list(action_ids))[6] > 0.5
+    return {f"{prefix}arm_bin_error": float(diff.mean()),
+            f"{prefix}gripper_agrees": bool(gripper == (float(expert_action[6]) > 0.5))}
+
+
+def teacher_forced_errors(model, tok, frame: dict, max_rationale_tokens: int) -> dict:
+    """The action a reasoning model takes after the *teacher's* rationale instead of its own, scored against
+    the expert: it separates what the action head learned from what the model's own rationale costs."""
+    from .policy import VLAPolicy
+
+    forced = tok.text_ids(frame["rationale_text"])
+    policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=max_rationale_tokens)
+    _, action_ids = policy.generate_ids(frame["image"], frame["instruction"], frame["state"], rationale_ids=forced)
+    return action_errors(tok, action_ids, frame["action"], prefix="teacher_rationale_")
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -493,7 +516,8 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     has_mask = "target_mask" in dataset.column_names
     frames = [dict(image=_row_image(r), instruction=r["instruction"], state=np.asarray(r["state"], np.float32),
                    task=r["task"], mask=mask_array(r["target_mask"]) if has_mask else None,
-                   episode_index=r.get("episode_index", -1), step_index=r.get("step_index", -1)) for r in rows]
+                   episode_index=r.get("episode_index", -1), step_index=r.get("step_index", -1),
+                   action=r.get("action"), rationale_text=r.get("rationale_text") or "") for r in rows]
 
     records, maps, masses = [], {}, {}
     bar = tqdm(total=len(models) * len(frames), desc="attention")
@@ -510,10 +534,15 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
                              reason="no query tokens (the model wrote no rationale)")
             maps[name].append(res["map"].astype(np.float32))
             masses[name].append(res["image_mass"])
+            errors = {}
+            if cfg.open_loop and f["action"] is not None:  # the decoded action against the expert's
+                errors = action_errors(tok, res["action_ids"], f["action"])
+                if reasoning and f["rationale_text"]:
+                    errors.update(teacher_forced_errors(model, tok, f, cfg.max_rationale_tokens))
             records.append(dict(model=name, task=f["task"], frame_index=idx, episode_index=f["episode_index"],
                                 step_index=f["step_index"], instruction=f["instruction"],
                                 n_queries=res["n_queries"], image_mass=res["image_mass"], **score,
-                                rationale=res["rationale"]))
+                                rationale=res["rationale"], **errors))
             bar.update(1)
         del model
         gc.collect()
@@ -549,6 +578,21 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
         fig.savefig(out_dir / "scores.png", dpi=110)
         plt.close(fig)
     return table
+
+
+def open_loop_table(per_frame) -> "pd.DataFrame":
+    """Per model and task, the open-loop action errors of frames.csv: mean arm bin error and gripper agreement
+    with the model's own rationale (or none), and, for reasoning models, after the teacher's rationale."""
+    import pandas as pd
+
+    cols = [c for c in ("arm_bin_error", "gripper_agrees", "teacher_rationale_arm_bin_error",
+                        "teacher_rationale_gripper_agrees") if c in per_frame]
+    if not cols:
+        return pd.DataFrame()
+    frames = per_frame.assign(**{c: per_frame[c].astype(float) for c in cols})
+    frames = pd.concat([frames, frames.assign(task="(all)")])
+    grouped = frames.groupby(["model", "task"], sort=True)
+    return pd.concat([grouped.size().rename("n_frames"), grouped[cols].mean().round(3)], axis=1)
 
 
 def _note(rec) -> str:

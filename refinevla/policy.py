@@ -92,10 +92,13 @@ class VLAPolicy:
                                           self.reasoning if reasoning is None else reasoning, None)
         return text, action
 
-    def generate_ids(self, image, instruction: str, state, reasoning: bool | None = None):
-        """(rationale_ids, action_ids) of the greedy decoding (the attention stage teacher-forces them)."""
-        _, _, rationale, action_ids = self._decode(image, instruction, state,
-                                                   self.reasoning if reasoning is None else reasoning, None)
+    def generate_ids(self, image, instruction: str, state, reasoning: bool | None = None, rationale_ids=None):
+        """(rationale_ids, action_ids) of the greedy decoding (the attention stage teacher-forces them).
+        ``rationale_ids``: act after this rationale (e.g. the teacher's) instead of writing one."""
+        reasoning = self.reasoning if reasoning is None else reasoning
+        if rationale_ids is not None:
+            reasoning, rationale_ids = True, list(rationale_ids)[:self.max_rationale_tokens]
+        _, _, rationale, action_ids = self._decode(image, instruction, state, reasoning, rationale_ids)
         return [int(t) for t in rationale], [int(t) for t in action_ids]
 
     def _decode(self, image, instruction, state, reasoning, forced_rationale):

@@ -89,9 +89,12 @@ class VLATokenizer:
     def action_to_ids(self, action: np.ndarray) -> list[int]:
         return self.action_ids[self.action_stats.encode(action)].tolist()
 
+    def ids_to_bins(self, ids) -> np.ndarray:
+        """The bin index (0..n_bins-1) of each action token."""
+        return np.array([self._bin_of_action_id[int(t)] for t in ids])
+
     def ids_to_action(self, ids) -> np.ndarray:
-        bins = np.array([self._bin_of_action_id[int(t)] for t in ids])
-        return self.action_stats.decode(bins)
+        return self.action_stats.decode(self.ids_to_bins(ids))
 
     def state_to_ids(self, state: np.ndarray) -> list[int]:
         return self.state_ids[self.state_stats.encode(state)].tolist()

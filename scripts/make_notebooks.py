@@ -197,7 +197,9 @@ the patch grid and upsampled to the frame.
 The **attention-on-target score** is the share of that image attention falling inside the target object's
 segmentation mask, and its lift over the mask's share of the image (1.0 = no preference).'''),
 ("params", PARAMETERS), ("code", SETUP),
-("code", '''scores = pipeline.run_attention(cfg)'''),
+("code", '''import pandas as pd
+
+scores = pipeline.run_attention(cfg)'''),
 ("md", "## Baseline vs ReFineVLA over the same frames"),
 ("code", '''from PIL import Image
 
@@ -206,6 +208,21 @@ plt.imshow(Image.open(run_dir / "attention" / "overlays.png"))
 plt.axis("off");'''),
 ("md", "## Attention-on-target score\nMean over frames with a 95% interval; frames where the target is not visible are counted as undefined:"),
 ("code", '''scores'''),
+("md", '''## Open loop: the action after the model's own rationale vs after the teacher's
+
+Over the same frames (taken from the training demonstrations, so this measures what was learned, not how it
+generalises), each decoded action is compared with the expert's: the mean distance in bins over the six arm
+dimensions (256 bins per dimension) and how often the gripper command (open or close) agrees. The ReFineVLA model is
+also made to act after the *teacher's* rationale instead of its own. If its actions are much closer to the expert's
+after the teacher's rationale than after its own, it is the rationale the model writes, not its action head, that
+costs it in closed loop: the policy then acts on its own imperfect explanations (exposure bias).'''),
+("code", '''from refinevla.attention import open_loop_table
+
+open_loop_table(pd.read_csv(run_dir / "attention" / "frames.csv"))'''),
+("code", '''frames = pd.read_csv(run_dir / "attention" / "frames.csv", keep_default_na=False)
+own = frames[frames["model"] == "refinevla"].head(3)
+for _, f in own.iterrows():
+    display(Markdown(f"**{f['instruction']}** (step {f['step_index']}): the model wrote *{f['rationale'] or '(nothing)'}*"))'''),
 ],
 "06_results": [
 ("md", '''# Results

@@ -292,3 +292,43 @@ def test_run_attention_stage(tiny_models, tmp_path):
     assert len(undefined) == 2 and undefined["episode_index"].eq(3).all()
     assert pd.read_csv(tmp_path / "scores.csv").shape == table.shape
     pd.testing.assert_frame_equal(A.summarize(pd.read_csv(tmp_path / "frames.csv")), table)
+
+
+def test_open_loop_action_errors(tiny_models, tmp_path):
+    """frames.csv scores each decoded action against the expert's; the ReFineVLA model also after the
+    teacher's rationale, which must be what it is actually conditioned on (a different rationale can change
+    the action; the same one gives the same action as the policy)."""
+    import pandas as pd
+
+    from refinevla.policy import VLAPolicy, load_vla
+
+    model, tok, _ = load_vla(tiny_models["refinevla"])
+    expert = np.array([0.8, 0.1, -0.5, 0, 0, 0, 1.0], np.float32)
+    exact = A.action_errors(tok, tok.action_to_ids(expert), expert)
+    assert exact == {"arm_bin_error": 0.0, "gripper_agrees": True}
+    off = tok.ids_to_bins(tok.action_to_ids(expert))
+    off[0] += 6
+    off[6] = 0  # close instead of open
+    moved = A.action_errors(tok, [int(tok.action_ids[b]) for b in off], expert, prefix="x_")
+    assert moved == {"x_arm_bin_error": 1.0, "x_gripper_agrees": False}
+
+    row = masked_dataset()[0]
+    frame = dict(image=np.asarray(row["image"]), instruction=row["instruction"], state=np.asarray(row["state"]),
+                 action=row["action"], rationale_text=row["rationale_text"])
+    forced = A.teacher_forced_errors(model, tok, frame, max_rationale_tokens=8)
+    policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=8)
+    _, ids = policy.generate_ids(frame["image"], frame["instruction"], frame["state"],
+                                 rationale_ids=tok.text_ids(row["rationale_text"]))
+    assert forced == A.action_errors(tok, ids, row["action"], prefix="teacher_rationale_")
+
+    cfg = A.AttentionConfig(frames_per_task=2, seed=0, max_rationale_tokens=8, overlay_frames=2, threads=1)
+    A.run_attention({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]},
+                    masked_dataset(), cfg, tmp_path)
+    frames = pd.read_csv(tmp_path / "frames.csv")
+    assert frames["arm_bin_error"].between(0, 255).all() and frames["gripper_agrees"].isin([True, False]).all()
+    assert frames.loc[frames["model"] == "baseline", "teacher_rationale_arm_bin_error"].isna().all()
+    assert frames.loc[frames["model"] == "refinevla", "teacher_rationale_arm_bin_error"].notna().all()
+    table = A.open_loop_table(frames)
+    assert table.loc[("refinevla", "(all)"), "n_frames"] == 4
+    assert table.loc[("baseline", "(all)"), "arm_bin_error"] == pytest.approx(
+        frames.loc[frames["model"] == "baseline", "arm_bin_error"].mean(), abs=1e-3)
