@@ -6,6 +6,7 @@ faults as an online request (tests/chat_server.py).
 """
 import dataclasses
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -18,17 +19,7 @@ from refinevla.teacher import AnnotateConfig, annotate  # noqa: E402
 from test_teacher import make_demos  # noqa: E402
 from test_teacher_http import (KEY_ENV, SECRET, assert_each_row_has_its_own_answer,  # noqa: E402
                                assert_secret_nowhere, cache_rows, cost)
-
-
-@pytest.fixture
-def server():
-    with ChatServer() as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
+from test_teacher_http import key, server  # noqa: E402,F401  the same fixtures (key: autouse)
 
 
 def batch_cfg(server, tmp_path, **overrides) -> AnnotateConfig:
@@ -52,6 +43,7 @@ def ledger(tmp_path) -> list[tuple]:
 
 
 def test_one_batch_file_carries_the_online_requests_and_fills_the_cache(server, tmp_path):
+    assert os.environ[KEY_ENV] == SECRET  # the key the client sends, searched for in every file written below
     demos = make_demos()
     out = annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")
     assert len(server.batches) == 1 and online(server) == [] and server.count == len(demos) == 10
