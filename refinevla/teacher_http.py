@@ -26,12 +26,13 @@ import email.utils
 import io
 import itertools
 import os
+import queue
 import random
 import re
 import sqlite3
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -90,6 +91,10 @@ class AnswerCache:
             key TEXT PRIMARY KEY, status TEXT NOT NULL, rationale TEXT, model TEXT, prompt_version TEXT,
             input_tokens INTEGER, output_tokens INTEGER, attempts INTEGER, error TEXT, created REAL)""")
         self.db.commit()
+
+    def ok_keys(self) -> set[str]:
+        """Every key with a successful answer (one query, instead of one per frame that is not cached)."""
+        return {k for (k,) in self.db.execute("SELECT key FROM answers WHERE status = 'ok'")}
 
     def get(self, key: str) -> dict | None:
         """The cached successful answer, or None (missing or failed: both are asked again)."""
@@ -337,15 +342,30 @@ def bounded_map(fn, items, concurrency: int):
     """Yield lists of (item, fn(item)), in completion order, with at most `concurrency` calls in flight;
     `items` is consumed lazily, so only the frames in flight are held in memory. `fn` must not raise. Calls
     that finish together come as one list (the consumer stores them with one commit); the next calls start
-    only after the consumer has taken (and stored) them, so a crash loses at most `concurrency` answers."""
-    items = iter(items)
+    only after the consumer has taken (and stored) them, so a crash loses at most `concurrency` answers.
+    Finished calls report to a queue (constant cost per call, where `wait` would re-arm every pending one)."""
+    items, finished = iter(items), queue.SimpleQueue()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending = {pool.submit(fn, item): item for item in itertools.islice(items, concurrency)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            yield [(pending.pop(future), future.result()) for future in done]
-            for nxt in itertools.islice(items, len(done)):
-                pending[pool.submit(fn, nxt)] = nxt
+
+        def start(item):
+            pool.submit(fn, item).add_done_callback(lambda future, item=item: finished.put((item, future)))
+
+        running = 0
+        for item in itertools.islice(items, concurrency):
+            start(item)
+            running += 1
+        while running:
+            done = [finished.get()]
+            while True:  # everything else that has finished meanwhile
+                try:
+                    done.append(finished.get_nowait())
+                except queue.Empty:
+                    break
+            running -= len(done)
+            yield [(item, future.result()) for item, future in done]
+            for item in itertools.islice(items, len(done)):
+                start(item)
+                running += 1
 
 
 def cache_key(cfg: AnnotateConfig, image: np.ndarray, instruction: str, state, action) -> str:
@@ -413,8 +433,9 @@ def run(demos, keys: list[int], cfg: AnnotateConfig) -> tuple[dict[int, Annotati
         bar.update()
 
     def misses():
+        answered = cache.ok_keys()
         for job in jobs(demos, keys, cfg):
-            hit = cache.get(job.key)
+            hit = cache.get(job.key) if job.key in answered else None
             if hit is None:
                 yield job
             else:
