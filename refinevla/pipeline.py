@@ -111,7 +111,7 @@ def run_pretrain(cfg: RunConfig) -> Path | str:
     if is_done(out, key):
         print(f"pretrain: up to date in {out}")
         return out / "model"
-    _clear_marker(out)
+    start_training_stage(out, key)
     started = time.time()
     path = pretrain_base(load_dataset_dir(src / "dataset"), cfg.model, cfg.pretrain, out)
     mark_done(out, key, cfg, started)
@@ -132,18 +132,25 @@ def run_finetune(cfg: RunConfig, variant: str) -> Path:
     if is_done(out, key):
         print(f"{variant}: up to date in {out}")
         return out / "model"
-    _clear_marker(out)
-    if _stale_checkpoint(out, key):  # a checkpoint of another config must never be resumed
-        import shutil
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    start_training_stage(out, key)
     started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "_key").write_text(key)
     required = BASE_COLUMNS + (("rationale_text",) if tcfg.use_rationale else ())
     path = finetune(load_dataset_dir(src / "dataset", required), base, cfg.model, tcfg, out)
     mark_done(out, key, cfg, started)
     return path
+
+
+def start_training_stage(out: Path, key: str) -> None:
+    """Before (re)starting a training stage: its checkpoints and metrics are resumed only if they were written
+    under the same key (config + inputs); those of another config are deleted, never resumed."""
+    import shutil
+
+    _clear_marker(out)
+    if _stale_checkpoint(out, key):
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_key").write_text(key)
 
 
 def _stale_checkpoint(out: Path, key: str) -> bool:
