@@ -161,10 +161,19 @@ def wait_for(client, batch_ids: list[str], cfg) -> dict:
 
 
 def read_lines(client, file_id: str | None) -> list[dict]:
+    """The result lines of one output or error file; a line that is not a JSON object with a custom_id is
+    skipped (its frame then counts as unanswered and is asked again next run) rather than ending the run."""
     if not file_id:
         return []
-    text = client.files.content(file_id).text
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = []
+    for line in client.files.content(file_id).text.splitlines():
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "custom_id" in obj:
+            lines.append(obj)
+    return lines
 
 
 def answer_of(line: dict) -> Answer:
@@ -194,10 +203,13 @@ def collect(client, batch, keys: list[str]) -> list[tuple[str, Answer]]:
     got = {}
     for line in read_lines(client, batch.output_file_id) + read_lines(client, batch.error_file_id):
         got[line["custom_id"]] = answer_of(line)
-    reason = f"batch {batch.id} {batch.status}"
-    if batch.status == "failed" and batch.errors and batch.errors.data:
-        reason += f": {batch.errors.data[0].message}"
-    return [(key, got.get(key) or Answer(error=f"{reason} before answering this line")) for key in keys]
+    if batch.status == "completed":
+        reason = f"batch {batch.id} completed without a readable answer line for this frame"
+    else:
+        reason = f"batch {batch.id} {batch.status} before answering this frame"
+        if batch.status == "failed" and batch.errors and batch.errors.data:
+            reason += f": {batch.errors.data[0].message}"
+    return [(key, got.get(key) or Answer(error=reason)) for key in keys]
 
 
 # -----------------------------------------------------------------------------

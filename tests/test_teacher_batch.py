@@ -137,9 +137,28 @@ def test_an_expired_batch_keeps_what_was_answered(server, tmp_path):
     with pytest.raises(RuntimeError, match="7 of 10 key frames failed"):
         annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")
     assert len(cache_rows(tmp_path, "status = 'ok'")) == 3
-    assert "batch batch_0 expired before answering" in cost(tmp_path / "out")["failures"][0]["error"]
+    assert "batch batch_0 expired before answering this frame" in cost(tmp_path / "out")["failures"][0]["error"]
     annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")
     assert len(input_lines(server, "batch_1")) == 7 and server.count == 10
+
+
+def test_an_unreadable_result_line_costs_its_frame_not_the_run(server, tmp_path):
+    demos = make_demos()
+    original = server.add_file
+
+    def garble(data, filename, purpose):  # the provider's output file with its first line cut short
+        if purpose == "batch_output":
+            first, rest = data.split(b"\n", 1)
+            data = first[:40] + b"\n" + rest
+        return original(data, filename, purpose)
+
+    server.add_file = garble
+    with pytest.raises(RuntimeError, match="1 of 10 key frames failed"):
+        annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")
+    assert "completed without a readable answer line" in cost(tmp_path / "out")["failures"][0]["error"]
+    server.add_file = original
+    annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")
+    assert len(input_lines(server, "batch_1")) == 1
 
 
 def test_a_failed_batch_names_the_providers_reason(server, tmp_path):
