@@ -218,7 +218,10 @@ after the teacher's rationale than after its own, it is the rationale the model 
 costs it in closed loop: the policy then acts on its own imperfect explanations (exposure bias).'''),
 ("code", '''from refinevla.attention import open_loop_table
 
-open_loop_table(pd.read_csv(run_dir / "attention" / "frames.csv"))'''),
+open_loop_table(pd.read_csv(run_dir / "attention" / "frames.csv")).rename(columns={
+    "arm_bin_error": "arm error (bins), own rationale", "gripper_agrees": "gripper agrees, own rationale",
+    "teacher_rationale_arm_bin_error": "arm error (bins), teacher's rationale",
+    "teacher_rationale_gripper_agrees": "gripper agrees, teacher's rationale"})'''),
 ("code", '''frames = pd.read_csv(run_dir / "attention" / "frames.csv", keep_default_na=False)
 own = frames[frames["model"] == "refinevla"].head(3)
 for _, f in own.iterrows():
