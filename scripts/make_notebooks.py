@@ -212,16 +212,17 @@ plt.axis("off");'''),
 
 Over the same frames (taken from the training demonstrations, so this measures what was learned, not how it
 generalises), each decoded action is compared with the expert's: the mean distance in bins over the six arm
-dimensions (256 bins per dimension) and how often the gripper command (open or close) agrees. The ReFineVLA model is
-also made to act after the *teacher's* rationale instead of its own. If its actions are much closer to the expert's
+dimensions (256 bins per dimension) and how often the gripper command (open or close) agrees: the baseline acts
+directly, the ReFineVLA model after the rationale it writes itself. The ReFineVLA model is then also made to act
+after the *teacher's* rationale instead of its own (the last two columns). If its actions are much closer to the expert's
 after the teacher's rationale than after its own, it is the rationale the model writes, not its action head, that
 costs it in closed loop: the policy then acts on its own imperfect explanations (exposure bias).'''),
 ("code", '''from refinevla.attention import open_loop_table
 
 open_loop_table(pd.read_csv(run_dir / "attention" / "frames.csv")).rename(columns={
-    "arm_bin_error": "arm error (bins), own rationale", "gripper_agrees": "gripper agrees, own rationale",
-    "teacher_rationale_arm_bin_error": "arm error (bins), teacher's rationale",
-    "teacher_rationale_gripper_agrees": "gripper agrees, teacher's rationale"})'''),
+    "arm_bin_error": "arm error (bins)", "gripper_agrees": "gripper agrees",
+    "teacher_rationale_arm_bin_error": "arm error after the teacher's rationale",
+    "teacher_rationale_gripper_agrees": "gripper agrees after the teacher's rationale"})'''),
 ("code", '''frames = pd.read_csv(run_dir / "attention" / "frames.csv", keep_default_na=False)
 own = frames[frames["model"] == "refinevla"].head(3)
 for _, f in own.iterrows():
