@@ -57,6 +57,7 @@ class EvaluateConfig:
     progress: bool = True  # tqdm bar over episodes
     reasoning: bool = True  # a VLA trained with rationales writes one before acting (False: acts directly)
     reason_every: int = 1  # re-write the rationale every N steps, reuse it in between (CPU cost of reasoning)
+    teacher_rationale: bool = False  # also run ReFineVLA after the privileged teacher's rationale (an oracle)
 
     def seed_list(self) -> list[int]:
         """The fixed, ordered seeds every task is evaluated on."""

@@ -9,6 +9,7 @@ incrementally (episodes, checkpoints, annotation cache), so a killed stage resum
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 from .config import RunConfig, config_hash
 
 VARIANTS = ("baseline", "refinevla")
+#: ReFineVLA acting after the privileged teacher's rationale (evaluate.teacher_rationale; robosuite only)
+ORACLE = "refinevla_teacher_rationale"
 
 
 # -------------------------------------------------------------------------------------- markers
@@ -164,12 +167,20 @@ def run_train(cfg: RunConfig) -> dict:
     return {v: run_finetune(cfg, v) for v in VARIANTS}
 
 
-def policy_factory(model_dir, reasoning=None, reason_every=1, threads=1):
+def policy_factory(model_dir, reasoning=None, reason_every=1, threads=1, teacher_rationale=False):
     """A picklable factory: each evaluation worker loads its own copy of the policy."""
     from .policy import load_policy
 
     return functools.partial(load_policy, str(model_dir), reasoning=reasoning, reason_every=reason_every,
-                             threads=threads)
+                             threads=threads, teacher_rationale=teacher_rationale)
+
+
+def evaluated_variants(cfg: RunConfig) -> tuple[str, ...]:
+    """The policies the evaluate stage runs: both fine-tunes, and the teacher-rationale oracle if asked for."""
+    if cfg.evaluate.teacher_rationale and cfg.evaluate.backend in SIMPLER_BACKENDS:
+        raise ValueError("evaluate.teacher_rationale needs the robosuite backend: the privileged teacher reads "
+                         "object poses SimplerEnv does not give")
+    return VARIANTS + ((ORACLE,) if cfg.evaluate.teacher_rationale else ())
 
 
 def expert_factory(task: str):
@@ -178,16 +189,32 @@ def expert_factory(task: str):
     return make_expert(task)
 
 
-def run_evaluate(cfg: RunConfig, variants=VARIANTS) -> dict:
+def trained_variant(variant: str) -> str:
+    """The fine-tune an evaluated variant runs (the oracle runs the ReFineVLA model)."""
+    return "refinevla" if variant == ORACLE else variant
+
+
+def evaluate_key(cfg: RunConfig, variant: str) -> str:
+    """The evaluation's key: its config, whether it reasons, the model's marker. The oracle switch is left out
+    of the other variants' keys, so turning it on re-runs only the oracle."""
+    trained = trained_variant(variant)
+    reasoning = getattr(cfg, trained).use_rationale and cfg.evaluate.reasoning
+    ecfg = {k: v for k, v in dataclasses.asdict(cfg.evaluate).items() if k != "teacher_rationale"}
+    extra = ["teacher rationale"] if variant == ORACLE else []
+    return stage_key([ecfg, reasoning] + extra, [cfg.stage_dir("train", trained)])
+
+
+def run_evaluate(cfg: RunConfig, variants=None) -> dict:
     """Closed-loop evaluation of each fine-tuned policy -> evaluate/<variant>/episodes.jsonl + summary.csv;
     returns {variant: per-task summary} (evaluate.summarise) and writes evaluate/comparison.csv."""
     from .evaluate import compare_table, evaluate, summarise, read_records
 
     summaries = {}
-    for variant in variants:
-        out, src = cfg.stage_dir("evaluate", variant), cfg.stage_dir("train", variant)
-        reasoning = getattr(cfg, variant).use_rationale and cfg.evaluate.reasoning
-        key = stage_key([cfg.evaluate, reasoning], [src])
+    for variant in variants or evaluated_variants(cfg):
+        oracle = variant == ORACLE
+        out, src = cfg.stage_dir("evaluate", variant), cfg.stage_dir("train", trained_variant(variant))
+        reasoning = getattr(cfg, trained_variant(variant)).use_rationale and cfg.evaluate.reasoning
+        key = evaluate_key(cfg, variant)
         if is_done(out, key):
             print(f"evaluate {variant}: up to date in {out}")
         else:
@@ -197,7 +224,8 @@ def run_evaluate(cfg: RunConfig, variants=VARIANTS) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             (out / "_key").write_text(key)
             started = time.time()
-            factory = policy_factory(src / "model", reasoning=reasoning, reason_every=cfg.evaluate.reason_every)
+            factory = policy_factory(src / "model", reasoning=reasoning, reason_every=cfg.evaluate.reason_every,
+                                     teacher_rationale=oracle)
             if cfg.evaluate.backend in SIMPLER_BACKENDS:
                 run_simpler_backend(factory, cfg.evaluate, out)
             else:

@@ -145,6 +145,35 @@ class VLAPolicy:
         return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale, action_ids
 
 
+class TeacherRationalePolicy:
+    """A reasoning VLA that acts after the privileged teacher's rationale instead of writing its own: an oracle,
+    for simulation only (the teacher reads the simulator's object poses, and a shadow scripted expert, fed the
+    policy's own observations, tracks the task phase). It measures in closed loop what the model's actions are
+    worth when its rationale is right, i.e. how much of the gap to the baseline its own rationales cause."""
+
+    def __init__(self, vla: VLAPolicy):
+        from .experts import ExpertPolicy
+
+        self.vla, self.shadow, self.last_rationale = vla, ExpertPolicy(), ""
+
+    def reset(self, instruction: str) -> None:
+        self.vla.reset(instruction)
+        self.shadow.reset(instruction)
+        self.last_rationale = ""
+
+    def act(self, obs: dict) -> np.ndarray:
+        from .teacher import privileged_rationale, render_rationale
+
+        if not obs.get("objects"):
+            raise ValueError("TeacherRationalePolicy needs the simulator's privileged 'objects' in the observation "
+                             "(robosuite backend only)")
+        self.shadow.act(obs)  # the phase the expert would be in on this trajectory, as in the training data
+        self.last_rationale = render_rationale(privileged_rationale(obs["state"], obs["objects"], self.shadow.phase))
+        _, action_ids = self.vla.generate_ids(obs["image"], obs.get("instruction") or self.vla.instruction,
+                                              obs["state"], rationale_ids=self.vla.tok.text_ids(self.last_rationale))
+        return self.vla.tok.ids_to_action(action_ids)
+
+
 def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager",
              dequantize_on_cpu: bool = True):
     """(model, tokenizer, meta) from a folder written by train.pretrain_base or train.finetune.
@@ -181,8 +210,9 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
 
 
 def load_policy(model_dir: str | Path, reasoning: bool | None = None, reason_every: int = 1,
-                threads: int | None = None) -> VLAPolicy:
-    """A ready VLAPolicy; reasoning defaults to whether the model was trained with rationales."""
+                threads: int | None = None, teacher_rationale: bool = False):
+    """A ready VLAPolicy; reasoning defaults to whether the model was trained with rationales.
+    ``teacher_rationale``: act after the privileged teacher's rationale (TeacherRationalePolicy)."""
     import torch
 
     if threads:
@@ -190,4 +220,5 @@ def load_policy(model_dir: str | Path, reasoning: bool | None = None, reason_eve
     model, tok, meta = load_vla(model_dir)
     if reasoning is None:
         reasoning = bool(meta.get("use_rationale", False))
-    return VLAPolicy(model, tok, reasoning=reasoning, reason_every=reason_every)
+    policy = VLAPolicy(model, tok, reasoning=reasoning, reason_every=reason_every)
+    return TeacherRationalePolicy(policy) if teacher_rationale else policy

@@ -163,7 +163,12 @@ Success rate in closed loop is the paper's headline result (SimplerEnv). At the 
 policies run in robosuite on a fixed list of seeds per task that no demonstration used; success is the
 environment's own check. Every episode is written to `episodes.jsonl` as it ends (a re-run skips finished ones);
 rates come with Wilson 95% intervals, which are wide at these episode counts: read them before reading a
-difference. At paper scale the same harness drives SimplerEnv (see *SimplerEnv*).'''),
+difference. At paper scale the same harness drives SimplerEnv (see *SimplerEnv*).
+
+With `evaluate.teacher_rationale: true` (robosuite only) a third policy is run: the ReFineVLA model acting after
+the **privileged teacher's rationale** for the current state instead of its own (`refinevla_teacher_rationale`).
+It is an oracle, not a deployable policy: it shows in closed loop what the model's actions are worth when its
+rationale is right, and so how much of any gap to the baseline the model's own rationales cause.'''),
 ("params", PARAMETERS), ("code", SETUP),
 ("code", '''summaries = pipeline.run_evaluate(cfg)'''),
 ("md", "## Success rates\nOne row per task and the average (the paper's table shape), per model, with 95% intervals:"),
@@ -244,7 +249,7 @@ same base, same data, same seeds.'''),
 from refinevla.evaluate import compare_table, read_records, summarise
 
 summaries = {v: summarise(read_records(run_dir / "evaluate" / v / "episodes.jsonl"), tasks=list(cfg.evaluate.tasks))
-             for v in pipeline.VARIANTS}
+             for v in pipeline.evaluated_variants(cfg)}
 compare_table(summaries, ci=True)'''),
 ("code", '''report.plot_success(summaries);'''),
 ("code", '''pd.read_csv(run_dir / "attention" / "scores.csv")'''),

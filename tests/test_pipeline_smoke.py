@@ -40,7 +40,7 @@ def test_every_stage_wrote_well_formed_outputs(built):
 
     run_dir, _ = built
     for stage in ["demos", "annotate", "train/pretrain", "train/baseline", "train/refinevla",
-                  "evaluate/baseline", "evaluate/refinevla", "attention"]:
+                  "evaluate/baseline", "evaluate/refinevla", "evaluate/refinevla_teacher_rationale", "attention"]:
         marker = json.loads((run_dir / stage / "_done.json").read_text())
         assert marker["hash"], stage
         assert (run_dir / stage / "config.yaml").exists(), stage
@@ -52,7 +52,7 @@ def test_every_stage_wrote_well_formed_outputs(built):
         meta = json.loads((run_dir / "train" / variant / "model" / "vla.json").read_text())
         assert meta["final_metrics"]["l_action"] > 0
     assert json.loads((run_dir / "train" / "refinevla" / "model" / "vla.json").read_text())["lambda_reason"] == 0.3
-    for variant in ["baseline", "refinevla"]:
+    for variant in ["baseline", "refinevla", "refinevla_teacher_rationale"]:  # the smoke preset runs the oracle
         lines = (run_dir / "evaluate" / variant / "episodes.jsonl").read_text().splitlines()
         records = [json.loads(x) for x in lines]
         assert len(records) == 2 and all(r["error"] is None for r in records), records

@@ -51,3 +51,20 @@ def test_a_training_stage_resumes_only_its_own_checkpoints(tmp_path):
     assert (out / "ckpt" / "ckpt-0000200").exists() and (out / "metrics.jsonl").exists()
     start_training_stage(out, "key-b")  # another config
     assert not (out / "ckpt").exists() and (out / "_key").read_text() == "key-b"
+
+
+def test_the_teacher_rationale_oracle_is_a_third_evaluation_that_leaves_the_others_alone(tmp_path):
+    from refinevla.config import resolve
+    from refinevla.pipeline import ORACLE, evaluate_key, evaluated_variants
+
+    off = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": False})
+    on = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": True})
+    assert evaluated_variants(off) == ("baseline", "refinevla")
+    assert evaluated_variants(on) == ("baseline", "refinevla", ORACLE)
+    for variant in ("baseline", "refinevla"):  # turning the oracle on re-runs nothing else
+        assert evaluate_key(on, variant) == evaluate_key(off, variant)
+    assert evaluate_key(on, ORACLE) != evaluate_key(on, "refinevla")
+    simpler = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": True,
+                                "evaluate.backend": "simpler"})
+    with pytest.raises(ValueError, match="robosuite backend"):
+        evaluated_variants(simpler)

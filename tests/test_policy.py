@@ -289,3 +289,26 @@ def test_dequantized_inference_matches_the_4bit_model(trained):
         a = q(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([tt]), pixel_values=px).logits
         b = d(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([tt]), pixel_values=px).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_rationale_policy_acts_after_the_privileged_rationale(trained, ds):
+    """The oracle: the ReFineVLA model acts after the privileged teacher's rationale for the current simulator
+    state and the phase a shadow expert is in, exactly as if that rationale were its own."""
+    from refinevla.policy import TeacherRationalePolicy
+    from refinevla.teacher import privileged_rationale, render_rationale
+
+    oracle = load_policy(trained.refine, threads=1, teacher_rationale=True)
+    assert isinstance(oracle, TeacherRationalePolicy) and isinstance(oracle, Policy)
+    image, _, _ = _obs(ds)
+    state = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # open gripper, 18 cm above the cube
+    objects = [{"name": "cube", "role": "target", "pos": [0.06, -0.02, 0.82]}]
+    obs = {"image": image, "state": state, "instruction": "pick up the red cube", "objects": objects}
+    oracle.reset("pick up the red cube")
+    action = oracle.act(obs)
+    assert oracle.shadow.phase == "approach"
+    expected = render_rationale(privileged_rationale(state, objects, "approach"))
+    assert oracle.last_rationale == expected and "cube" in expected
+    _, ids = oracle.vla.generate_ids(image, "pick up the red cube", state, rationale_ids=oracle.vla.tok.text_ids(expected))
+    np.testing.assert_array_equal(action, oracle.vla.tok.ids_to_action(ids))
+    with pytest.raises(ValueError, match="objects"):
+        oracle.act({"image": image, "state": state, "instruction": "pick up the red cube"})
