@@ -114,7 +114,7 @@ def run_pretrain(cfg: RunConfig) -> Path | str:
     if is_done(out, key):
         print(f"pretrain: up to date in {out}")
         return out / "model"
-    start_training_stage(out, key)
+    start_stage(out, key)
     started = time.time()
     path = pretrain_base(load_dataset_dir(src / "dataset"), cfg.model, cfg.pretrain, out)
     mark_done(out, key, cfg, started)
@@ -135,7 +135,7 @@ def run_finetune(cfg: RunConfig, variant: str) -> Path:
     if is_done(out, key):
         print(f"{variant}: up to date in {out}")
         return out / "model"
-    start_training_stage(out, key)
+    start_stage(out, key)
     started = time.time()
     required = BASE_COLUMNS + (("rationale_text",) if tcfg.use_rationale else ())
     path = finetune(load_dataset_dir(src / "dataset", required), base, cfg.model, tcfg, out)
@@ -143,15 +143,20 @@ def run_finetune(cfg: RunConfig, variant: str) -> Path:
     return path
 
 
-def start_training_stage(out: Path, key: str) -> None:
-    """Before (re)starting a training stage: its checkpoints and metrics are resumed only if they were written
-    under the same key (config + inputs); those of another config are deleted, never resumed."""
+def start_stage(out: Path, key: str, partial=("ckpt", "metrics.jsonl")) -> None:
+    """Before (re)starting a resumable stage: its partial outputs (checkpoints and metrics of a training stage,
+    the episodes of an evaluation) are resumed only if they were written under the same key (config +
+    inputs); those of another config are deleted, never resumed."""
     import shutil
 
     _clear_marker(out)
     if _stale_checkpoint(out, key):
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        for name in partial:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "_key").write_text(key)
 
@@ -211,21 +216,17 @@ def run_evaluate(cfg: RunConfig, variants=None) -> dict:
 
     summaries = {}
     for variant in variants or evaluated_variants(cfg):
-        oracle = variant == ORACLE
-        out, src = cfg.stage_dir("evaluate", variant), cfg.stage_dir("train", trained_variant(variant))
-        reasoning = getattr(cfg, trained_variant(variant)).use_rationale and cfg.evaluate.reasoning
+        trained = trained_variant(variant)
+        out, src = cfg.stage_dir("evaluate", variant), cfg.stage_dir("train", trained)
+        reasoning = getattr(cfg, trained).use_rationale and cfg.evaluate.reasoning
         key = evaluate_key(cfg, variant)
         if is_done(out, key):
             print(f"evaluate {variant}: up to date in {out}")
         else:
-            if _stale_checkpoint(out, key) and (out / "episodes.jsonl").exists():
-                (out / "episodes.jsonl").unlink()  # results of another model or config must not be reused
-            _clear_marker(out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "_key").write_text(key)
+            start_stage(out, key, partial=("episodes.jsonl",))  # episodes of another model or config: deleted
             started = time.time()
             factory = policy_factory(src / "model", reasoning=reasoning, reason_every=cfg.evaluate.reason_every,
-                                     teacher_rationale=oracle)
+                                     teacher_rationale=variant == ORACLE)
             if cfg.evaluate.backend in SIMPLER_BACKENDS:
                 run_simpler_backend(factory, cfg.evaluate, out)
             else:

@@ -104,10 +104,6 @@ class AnswerCache:
             return None
         return dict(zip(("rationale", "model", "prompt_version", "input_tokens", "output_tokens"), row))
 
-    def put(self, key: str, answer: "Answer", model: str) -> None:
-        """Store one answer and commit it at once (ok, or failed with its reason)."""
-        self.put_many([(key, answer)], model)
-
     def put_many(self, answers: list[tuple[str, "Answer"]], model: str) -> None:
         """Store answers that arrived together, in one commit (all or none)."""
         self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(

@@ -35,21 +35,21 @@ def test_pretrain_is_skipped_for_a_real_checkpoint():
 def test_a_training_stage_resumes_only_its_own_checkpoints(tmp_path):
     """A checkpoint written under another config (or by a version that wrote no key) is deleted, not resumed:
     resuming it would train a model the run's config does not describe."""
-    from refinevla.pipeline import start_training_stage
+    from refinevla.pipeline import start_stage
 
     out = tmp_path / "train" / "pretrain"
     (out / "ckpt" / "ckpt-0001000").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1000}\n')
     (out / "_done.json").write_text("{}")
-    start_training_stage(out, "key-a")  # no _key: written by an older version, of unknown config
+    start_stage(out, "key-a")  # no _key: written by an older version, of unknown config
     assert not (out / "ckpt").exists() and not (out / "metrics.jsonl").exists() and not (out / "_done.json").exists()
     assert (out / "_key").read_text() == "key-a"
 
     (out / "ckpt" / "ckpt-0000200").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 200}\n')
-    start_training_stage(out, "key-a")  # the same config, killed: resumed
+    start_stage(out, "key-a")  # the same config, killed: resumed
     assert (out / "ckpt" / "ckpt-0000200").exists() and (out / "metrics.jsonl").exists()
-    start_training_stage(out, "key-b")  # another config
+    start_stage(out, "key-b")  # another config
     assert not (out / "ckpt").exists() and (out / "_key").read_text() == "key-b"
 
 
