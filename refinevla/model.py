@@ -5,7 +5,9 @@ The same three calls serve both scales:
 - ``load_base(path_or_id, quantization)``: any saved PaliGemma (our pre-trained tiny base or a real
   PaliGemma / PaliGemma 2 checkpoint), in fp32 / 8-bit / 4-bit (nf4 + double quantisation);
 - ``add_lora(model, cfg)``: LoRA adapters on the top K decoder layers only ("selective transfer"),
-  the vision tower and the lower layers frozen.
+  the vision tower and the lower layers frozen; trained policy-head rows on a head untied from the (frozen)
+  input embeddings, so that nothing below the top K layers changes (``refinevla.frozen`` caches it);
+- ``load_finetuned(base, adapter_dir, quantization)``: a saved fine-tune, rebuilt the same way.
 Weights are saved and loaded with safetensors only.
 """
 from __future__ import annotations
@@ -21,6 +23,10 @@ SIZES = {
     # ~2M parameters: the embedded default (trains in minutes on 2 CPU cores)
     "tiny": dict(image_size=64, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
                  text_hidden=128, text_layers=4, text_heads=4, kv_heads=1, head_dim=32, mlp=512),
+    # the embedded default: "tiny" with 16 px patches (16 image tokens instead of 64: a training step ~2x cheaper on
+    # 2 cores); the wrist camera shows the cube large, so the coarser grid still locates it
+    "tiny16": dict(image_size=64, patch_size=16, vision_hidden=128, vision_layers=3, vision_heads=4,
+                   text_hidden=128, text_layers=4, text_heads=4, kv_heads=1, head_dim=32, mlp=512),
     # ~0.5M parameters: unit tests and the smoke preset
     "micro": dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, vision_heads=2,
                   text_hidden=64, text_layers=2, text_heads=2, kv_heads=1, head_dim=32, mlp=128),
@@ -44,12 +50,15 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     tune_top_k_layers: int = 2        # LoRA only on the top K decoder layers
     attn_implementation: str = "eager"  # eager: attention maps can be read out
+    action_chunk: int = 1             # actions per decoded frame (SpatialVLA: 4); the tokenizer carries it
 
     def __post_init__(self):
         if not self.checkpoint and self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not a known size preset; known: {sorted(SIZES)}")
         if self.quantization not in ("none", "8bit", "4bit"):
             raise ValueError(f"model.quantization={self.quantization!r}; expected none, 8bit or 4bit")
+        if self.action_chunk < 1:
+            raise ValueError(f"model.action_chunk={self.action_chunk} must be >= 1")
         if self.tune_top_k_layers < 1:
             raise ValueError(f"model.tune_top_k_layers={self.tune_top_k_layers} must be >= 1")
 
@@ -108,7 +117,27 @@ def load_base(path: str | Path, quantization: str = "none", attn_implementation:
         kwargs.update(quantization_config=qc, device_map={"": _local_device()})
     elif torch.cuda.is_available():
         kwargs.update(dtype=torch.bfloat16, device_map={"": _local_device()})
-    return PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    if quantization == "4bit":
+        keep_4bit_training_kernel(model)
+    return model
+
+
+def keep_4bit_training_kernel(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel (``load_base`` calls this).
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` repacks its weight in place on its first call in eval mode without
+    gradients, and from then on, in training mode too, computes with a bf16 kernel that has no backward: logits
+    about 1e-2 apart, and gradients through the frozen 4-bit weights silently wrong (bitsandbytes warns "an
+    autograd kernel was not registered"), e.g. after a held-out evaluation in the middle of a fine-tune. Without
+    the repacking every call uses the kernel training uses. CPU inference is unaffected: ``load_vla`` dequantizes
+    the weights once (``dequantize_for_inference``). Returns the number of layers set."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward (bitsandbytes 0.50)
+    return len(layers)
 
 
 def dequantize_for_inference(model) -> int:
@@ -167,11 +196,59 @@ def enable_gradient_checkpointing(model) -> None:
     model.disable_input_require_grads()
 
 
+def untie_policy_head(model) -> bool:
+    """Give the policy head (the output embeddings) its own weight, so that training some of its rows leaves the
+    input embeddings, and with them everything the frozen lower layers compute, unchanged.
+
+    PaliGemma ties ``lm_head.weight`` to the token embeddings. Where they are one tensor, the head gets a copy
+    (the same values: the model computes exactly what it did) and the config no longer asks for tying, so that
+    neither transformers (``tie_weights``) nor peft ties them again. Returns whether a copy was made (False: the
+    head already had its own weight). Costs vocabulary x hidden more parameters (frozen: only the chosen rows
+    train, through peft's trainable tokens), e.g. 0.3 MB for the tiny model, 2.4 GB in fp32 for PaliGemma 2 3B.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    copied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
+    if copied:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        if hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys") and hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)  # now empty
+    return copied
+
+
+def resize_embeddings(model, vocab_size: int) -> bool:
+    """Grow the token embeddings (and the head) to ``vocab_size`` rows, the new rows set to the mean of the old
+    ones: deterministic, so that the fine-tune and every later load of its adapter see the same new rows (the
+    input rows stay frozen and are not saved with the adapter). transformers' own ``mean_resizing`` draws them
+    around that mean with the global random generator. Returns False when the model is already large enough."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return False
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None:
+                w = layer.weight
+                w[old:] = w[:old].float().mean(0).to(w.dtype)
+    return True
+
+
+def _module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def add_lora(model, cfg: ModelConfig, trainable_token_ids=None, gradient_checkpointing: bool = False):
     """Freeze everything, then put LoRA adapters on the top K decoder layers (vision tower excluded).
 
-    ``trainable_token_ids``: rows of the token embedding, tied to the policy head, that are trained as well
-    (peft's trainable tokens; only these rows, not the whole vocabulary). ``gradient_checkpointing``: see
+    ``trainable_token_ids``: rows of the policy head (the output embeddings) that are trained as well (peft's
+    trainable tokens; only these rows, not the whole vocabulary). The head is first untied from the input
+    embeddings (``untie_policy_head``): the input embeddings stay frozen, so nothing below the top K layers
+    trains and their hidden states can be cached (``refinevla.frozen``). ``gradient_checkpointing``: see
     ``enable_gradient_checkpointing`` (switched on in the base before the adapters are added)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -185,15 +262,50 @@ def add_lora(model, cfg: ModelConfig, trainable_token_ids=None, gradient_checkpo
             warnings.simplefilter("ignore", FutureWarning)
             # False leaves checkpointing as set above; peft's own would add the input-embedding hook again
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    token_indices = None
+    if trainable_token_ids is not None:
+        untie_policy_head(model)  # after the k-bit preparation, which may cast the (tied) weight to fp32
+        head = _module_name(model, model.get_output_embeddings())  # "lm_head"
+        token_indices = {head: sorted(int(t) for t in trainable_token_ids)}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
                       exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none",
-                      trainable_token_indices=None if trainable_token_ids is None
-                      else {"embed_tokens": sorted(int(t) for t in trainable_token_ids)})
+                      trainable_token_indices=token_indices)
     peft_model = get_peft_model(model, lora)
     if gradient_checkpointing:  # peft hooks the input embeddings of a checkpointed unquantised base again
         model.disable_input_require_grads()
     return peft_model
+
+
+def load_finetuned(base_path: str | Path, adapter_dir: str | Path, quantization: str = "4bit",
+                   attn_implementation: str = "eager", vocab_size: int | None = None):
+    """The fine-tuned model written by ``train.finetune``: the base loaded as in training, the adapter on top.
+
+    The base is loaded (``load_base``), grown to the tokenizer's vocabulary when that is larger
+    (``resize_embeddings``; ``vocab_size`` defaults to the tokenizer saved in ``adapter_dir``), its head untied
+    exactly as ``add_lora`` did when the adapter trains head rows, and the adapter (LoRA + the trained head rows)
+    loaded with peft. Adapters from before the untying (trainable tokens on the tied input embeddings) load as
+    they were trained, tied. Returns the PeftModel (inference mode)."""
+    import json
+
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: {adapter_dir} is not a saved adapter")
+    model = load_base(base_path, quantization, attn_implementation)
+    if vocab_size is None and (adapter_dir / "vla_tokens.json").exists():
+        from .tokens import VLATokenizer
+
+        vocab_size = VLATokenizer.load(adapter_dir).vocab_size
+    if vocab_size is not None:
+        resize_embeddings(model, vocab_size)
+    targets = json.loads(config_file.read_text()).get("trainable_token_indices") or {}
+    head = _module_name(model, model.get_output_embeddings())
+    if isinstance(targets, dict) and any(head == t or head.endswith("." + t) for t in targets):
+        untie_policy_head(model)
+    return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def parameter_counts(model) -> dict:

@@ -189,3 +189,130 @@ def test_8bit_base_holds_linear8bitlt_and_trains_on_cpu(base_dir, data, tmp_path
     metrics = train.read_metrics(tmp_path)
     assert len(metrics) == 2 and np.isfinite(metrics["loss"]).all()
     assert before and all(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------ untied head / saved fine-tunes
+def _head_ids(data, tok):
+    return np.unique(np.concatenate([data["input_ids"][data["part"] != train.PREFIX], tok.action_ids,
+                                     [tok.marker_id]])).tolist()
+
+
+def _perturbed(model):
+    """As after training: non-zero LoRA B, head rows away from their initial values."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_add_lora_trains_head_rows_on_an_untied_head(base_dir, data, tok):
+    model = load_base(base_dir, "none")
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # PaliGemma ties them
+    model = add_lora(model, ModelConfig(size="micro", tune_top_k_layers=1), trainable_token_ids=_head_ids(data, tok))
+    base = model.get_base_model()
+    assert base.lm_head.weight is not base.get_input_embeddings().weight
+    torch.testing.assert_close(base.lm_head.weight, base.get_input_embeddings().weight, rtol=0, atol=0)  # a copy
+    assert not base.config.tie_word_embeddings and not base.config.text_config.tie_word_embeddings
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert trainable == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"]
+    assert not any(p.requires_grad for p in base.get_input_embeddings().parameters())
+    assert dict(model.named_parameters())[trainable[0]].shape == (len(_head_ids(data, tok)), 64)
+
+
+def test_resize_embeddings_is_deterministic(base_dir, tok):
+    from refinevla.model import resize_embeddings
+
+    grown = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = load_base(base_dir, "none")
+        old = model.get_input_embeddings().weight.detach().clone()
+        assert resize_embeddings(model, tok.vocab_size + 4) and not resize_embeddings(model, tok.vocab_size)
+        w = model.get_input_embeddings().weight.detach()
+        assert w.shape[0] == tok.vocab_size + 4 and model.lm_head.weight is model.get_input_embeddings().weight
+        torch.testing.assert_close(w[:tok.vocab_size], old, rtol=0, atol=0)
+        torch.testing.assert_close(w[tok.vocab_size:], old.mean(0).expand(4, -1), rtol=0, atol=1e-7)
+        grown.append(w.clone())
+    torch.testing.assert_close(grown[0], grown[1], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def small_base_dir(tok, tmp_path_factory):
+    """A base whose vocabulary is 3 tokens short of the tokenizer's: the fine-tune grows it (real checkpoints
+    get the ACTION: marker added)."""
+    out = tmp_path_factory.mktemp("small-base")
+    build_tiny_vla("micro", tok.vocab_size - 3, tok.image_id, tok.pad_id, seed=2).save_pretrained(
+        out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_saved_finetune_loads_back_with_the_same_logits(small_base_dir, data, tok, tmp_path, quantization):
+    """What train.finetune saves (adapter + tokenizer) and load_finetuned rebuilds: same logits (measured: equal)."""
+    from refinevla.model import load_finetuned, resize_embeddings
+
+    model = load_base(small_base_dir, quantization)
+    assert resize_embeddings(model, tok.vocab_size)
+    model = _perturbed(add_lora(model, ModelConfig(size="micro", quantization=quantization, tune_top_k_layers=1),
+                                trainable_token_ids=_head_ids(data, tok)))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save(tmp_path)
+    again = load_finetuned(small_base_dir, tmp_path, quantization, "eager")
+    base = again.get_base_model()
+    assert base.get_input_embeddings().weight.shape[0] == tok.vocab_size
+    assert base.lm_head.weight is not base.get_input_embeddings().weight
+    batch = train.to_batch(data, np.arange(6), 32, "cpu")
+    batch.pop("part")
+    with torch.no_grad():
+        want = model(**batch).logits
+        torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=1e-6)
+        # the trained head rows matter: without the adapter the logits differ
+        with again.disable_adapter():
+            assert (again(**batch).logits - want).abs().max() > 1e-2
+
+
+def test_adapter_trained_on_the_tied_head_still_loads(base_dir, data, tok, tmp_path):
+    """Adapters saved before the untying (trainable tokens on the tied input embeddings) load as trained."""
+    from peft import LoraConfig, get_peft_model
+
+    from refinevla.model import load_finetuned
+
+    model = load_base(base_dir, "none")
+    torch.manual_seed(0)
+    model = _perturbed(get_peft_model(model, LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers",
+        exclude_modules=r".*(vision_tower|multi_modal_projector).*",
+        trainable_token_indices={"embed_tokens": _head_ids(data, tok)})))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    again = load_finetuned(base_dir, tmp_path, "none", "eager", vocab_size=tok.vocab_size)
+    batch = train.to_batch(data, np.arange(4), 32, "cpu")
+    batch.pop("part")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_eval_forward_does_not_switch_4bit_layers_to_a_kernel_without_backward(base_dir, data):
+    """bitsandbytes would repack the 4-bit weights on an eval-mode forward without gradients (CPUs with
+    AVX512-BF16) and then back-propagate wrongly through them; load_base keeps the training kernel."""
+    import bitsandbytes as bnb
+
+    def grads(model):
+        model.train()
+        batch = train.to_batch(data, np.arange(6), 32, "cpu")
+        part = batch.pop("part")
+        loss = train.joint_loss(model(**batch, use_cache=False).logits, batch["input_ids"], part, 0.5)[0]
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.autograd.grad(loss, params)
+
+    fresh, evaluated = (_perturbed(_lora_model(base_dir, 2, "4bit")) for _ in range(2))
+    evaluated.eval()
+    with torch.no_grad():  # e.g. train.heldout_loss in the middle of training
+        batch = train.to_batch(data, np.arange(6), 32, "cpu")
+        batch.pop("part")
+        evaluated(**batch)
+    layers = [m for m in evaluated.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    for a, b in zip(grads(fresh), grads(evaluated)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
