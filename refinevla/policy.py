@@ -2,10 +2,18 @@
 
 An observation is a dict with at least ``image`` (uint8 HxWx3, upright), ``state`` (float32[8]) and
 ``instruction`` (str); simulator backends may add privileged keys (``objects``, ``phase``) that only
-scripted experts read. An action is float32[7] in the schema convention of ``refinevla.schema``.
+scripted experts read (and the teacher-rationale oracle). An action is float32[7] in the schema convention of
+``refinevla.schema``.
+
+A policy may also act for several environments at once (the evaluation harness steps them in lockstep):
+``reset_slot(slot, instruction)`` starts an episode in environment slot ``slot`` and
+``act_batch(obs_list, slots) -> list of actions`` acts for the given slots in one call. ``VLAPolicy`` and
+``TeacherRationalePolicy`` implement both (one batched forward pass per decoding step); for a policy without
+them the harness builds one instance per slot.
 """
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -52,21 +60,39 @@ class ZeroPolicy:
 
 
 # ------------------------------------------------------------------------------------ the VLA policy
-class VLAPolicy:
-    """A fine-tuned (or base) VLA behind the Policy interface.
+class _SlotState:
+    """What a VLA policy remembers about one environment slot between control steps."""
 
-    ``predict`` decodes greedily: with ``reasoning`` it first writes a rationale (any text token) until it
-    emits ``ACTION:``, then exactly 7 tokens restricted to the action bins; without, ``ACTION:`` is forced at
-    once. ``reason_every`` re-writes the rationale only every N control steps and reuses it in between
-    (writing ~60 tokens per step is the main cost of reasoning at inference on a CPU).
+    __slots__ = ("instruction", "queue", "rationale_ids", "last_rationale", "step", "decodes")
+
+    def __init__(self, instruction: str = ""):
+        self.instruction, self.queue = instruction, deque()
+        self.rationale_ids, self.last_rationale, self.step, self.decodes = [], "", 0, 0
+
+
+class VLAPolicy:
+    """A fine-tuned (or base) VLA behind the Policy interface, batched over environment slots.
+
+    Decoding is greedy: with ``reasoning`` it first writes a rationale (any text token) until it emits
+    ``ACTION:`` (or ``max_rationale_tokens`` are written), then exactly ``7 * tok.action_chunk`` tokens restricted
+    to the action bins; without, ``ACTION:`` is forced at once. A decode yields a chunk of actions, executed one
+    control step at a time from a per-slot queue; the next decode (a new rationale first, for a reasoning
+    model) happens when the queue is empty.
+
+    Batched decoding (``act_batch``): the slots that need a decode are decoded together, one forward pass per
+    decoding step over all of them, with one KV cache holding every slot's sequence. Sequences are LEFT-padded
+    (pad token, ``attention_mask`` 0, token type 0) so that they all end in the same column and each step appends
+    one column; ``position_ids`` are explicit (1-indexed over each slot's real tokens, PaliGemma's convention), so
+    a slot sees exactly the positions and keys of its unbatched decode. A slot that has all its action tokens
+    leaves the batch (its rows are dropped from the cache); a slot still writing its rationale goes on while the
+    others already emit action bins. The result equals the unbatched decode, token for token (tested).
     """
 
-    def __init__(self, model, tokenizer, reasoning: bool = True, reason_every: int = 1,
-                 max_rationale_tokens: int = 96):
+    def __init__(self, model, tokenizer, reasoning: bool = True, max_rationale_tokens: int = 96):
         import torch
 
         self.model, self.tok = model.eval(), tokenizer
-        self.reasoning, self.reason_every, self.max_rationale_tokens = reasoning, max(1, reason_every), max_rationale_tokens
+        self.reasoning, self.max_rationale_tokens = reasoning, max_rationale_tokens
         vocab = model.get_output_embeddings().weight.shape[0]
         self.action_mask = torch.full((vocab,), float("-inf"))
         self.action_mask[torch.as_tensor(tokenizer.action_ids)] = 0.0
@@ -74,27 +100,95 @@ class VLAPolicy:
         banned = list(tokenizer.action_ids) + list(tokenizer.state_ids) + [tokenizer.image_id, tokenizer.pad_id,
                                                                              tokenizer.bos_id]
         self.text_mask[torch.as_tensor(banned)] = float("-inf")
-        self.instruction, self.step, self.rationale_ids, self.last_rationale = "", 0, [], ""
+        self.slots: dict[int, _SlotState] = {0: _SlotState()}
+
+    # -- the action chunk
+    @property
+    def chunk(self) -> int:
+        """Actions per decode (the tokenizer's ``action_chunk``; 1 when it has none)."""
+        return max(1, int(getattr(self.tok, "action_chunk", 1) or 1))
+
+    @property
+    def n_action_tokens(self) -> int:
+        return ACTION_DIM * self.chunk
+
+    def ids_to_actions(self, action_ids) -> np.ndarray:
+        """float32[chunk, 7] of the ``7 * chunk`` action ids of one decode."""
+        bins = self.tok.ids_to_bins([int(t) for t in action_ids]).reshape(-1, ACTION_DIM)  # row by row, as trained
+        return np.asarray(self.tok.action_stats.decode(bins), np.float32)
+
+    # -- slot 0 is the single-environment Policy interface
+    @property
+    def instruction(self) -> str:
+        return self.slots[0].instruction
+
+    @property
+    def step(self) -> int:
+        return self.slots[0].step
+
+    @property
+    def rationale_ids(self) -> list[int]:
+        return self.slots[0].rationale_ids
+
+    @property
+    def last_rationale(self) -> str:
+        return self.slots[0].last_rationale
 
     def reset(self, instruction: str) -> None:
-        self.instruction, self.step, self.rationale_ids, self.last_rationale = instruction, 0, [], ""
+        self.reset_slot(0, instruction)
 
     def act(self, obs: dict) -> np.ndarray:
-        reuse = self.reasoning and self.step % self.reason_every != 0
-        text, action, ids, _ = self._decode(obs["image"], obs.get("instruction") or self.instruction, obs["state"],
-                                            self.reasoning, self.rationale_ids if reuse else None)
-        self.rationale_ids, self.last_rationale, self.step = ids, text, self.step + 1
-        return action
+        return self.act_batch([obs], [0])[0]
 
+    # -- the batched interface
+    def reset_slot(self, slot: int, instruction: str) -> None:
+        """A new episode in ``slot``: forget its queued actions and rationale."""
+        self.slots[slot] = _SlotState(instruction)
+
+    def act_batch(self, obs_list: list[dict], slots: list[int], rationale_fn=None) -> list[np.ndarray]:
+        """One action per (observation, slot): slots whose action queue is empty are decoded together (one
+        batched forward per decoding step), then every slot pops its next action.
+
+        ``rationale_fn(obs, slot) -> token ids``: act after this rationale instead of writing one (the oracle).
+        Nothing is changed when decoding raises."""
+        if len(obs_list) != len(slots):
+            raise ValueError(f"act_batch got {len(obs_list)} observations for {len(slots)} slots")
+        states = [self.slots.setdefault(int(s), _SlotState(obs.get("instruction") or ""))
+                  for obs, s in zip(obs_list, slots)]
+        need = [k for k, st in enumerate(states) if not st.queue]
+        if need:
+            items = []
+            for k in need:
+                obs, st = obs_list[k], states[k]
+                forced = None
+                if rationale_fn is not None:
+                    forced = list(rationale_fn(obs, int(slots[k])))[:self.max_rationale_tokens]
+                items.append((obs["image"], obs.get("instruction") or st.instruction, obs["state"],
+                              self.reasoning or forced is not None, forced))
+            decoded = self._decode_many(items)
+            for k, (rationale, action_ids) in zip(need, decoded):
+                st = states[k]
+                st.queue.extend(self.ids_to_actions(action_ids))
+                st.rationale_ids, st.last_rationale = rationale, self.tok.decode_text(rationale)
+                st.decodes += 1
+        out = []
+        for st in states:
+            st.step += 1
+            out.append(st.queue.popleft())
+        return out
+
+    # -- one-off decodes
     def predict(self, image, instruction: str, state, reasoning: bool | None = None):
-        """(rationale_text, action float32[7]) for one observation."""
-        text, action, _, _ = self._decode(image, instruction, state,
-                                          self.reasoning if reasoning is None else reasoning, None)
-        return text, action
+        """(rationale_text, action) for one observation: action is float32[7], or float32[chunk, 7] when the
+        model emits action chunks."""
+        text, actions, _, _ = self._decode(image, instruction, state,
+                                           self.reasoning if reasoning is None else reasoning, None)
+        return text, actions[0] if self.chunk == 1 else actions
 
     def generate_ids(self, image, instruction: str, state, reasoning: bool | None = None, rationale_ids=None):
-        """(rationale_ids, action_ids) of the greedy decoding (the attention stage teacher-forces them).
-        ``rationale_ids``: act after this rationale (e.g. the teacher's) instead of writing one."""
+        """(rationale_ids, action_ids) of the greedy decoding, all ``7 * chunk`` action ids (the attention stage
+        teacher-forces them). ``rationale_ids``: act after this rationale (e.g. the teacher's) instead of writing
+        one."""
         reasoning = self.reasoning if reasoning is None else reasoning
         if rationale_ids is not None:
             reasoning, rationale_ids = True, list(rationale_ids)[:self.max_rationale_tokens]
@@ -102,76 +196,126 @@ class VLAPolicy:
         return [int(t) for t in rationale], [int(t) for t in action_ids]
 
     def _decode(self, image, instruction, state, reasoning, forced_rationale):
+        """(rationale text, actions float32[chunk, 7], rationale ids, action ids) of one observation: the
+        batched decoder with a batch of one."""
+        rationale, action_ids = self._decode_many([(image, instruction, state, reasoning, forced_rationale)])[0]
+        return self.tok.decode_text(rationale), self.ids_to_actions(action_ids), rationale, action_ids
+
+    def _decode_many(self, items) -> list[tuple[list[int], list[int]]]:
+        """Greedy decoding of several observations at once: ``items`` are (image, instruction, state, reasoning,
+        forced_rationale); returns (rationale_ids, action_ids) per item.
+
+        The first pass holds each row's prompt (token type 0) and its known target tokens (type 1: a forced or
+        absent rationale and ACTION:), as in training; a row that writes its rationale starts with the prompt
+        only. Then every step feeds one token per row still decoding.
+        """
         import torch
         from transformers import DynamicCache
 
         from .model import image_size, model_device, num_image_tokens, preprocess_images
 
-        device = model_device(self.model)
-        prompt = self.tok.prompt_ids(instruction, np.asarray(state), num_image_tokens(self.model))
-        pixels = preprocess_images(np.asarray(image), image_size(self.model)).to(device)
+        tok, device = self.tok, model_device(self.model)
+        n_image, n_act, max_r = num_image_tokens(self.model), self.n_action_tokens, self.max_rationale_tokens
+        prefixes, n_prompt, writing, rationales = [], [], [], []
+        for image, instruction, state, reasoning, forced in items:
+            prompt = tok.prompt_ids(instruction, np.asarray(state), n_image)
+            write = bool(reasoning) and forced is None
+            rationale = [] if write or not reasoning else [int(t) for t in forced]
+            prefixes.append(prompt + ([] if write else rationale + [tok.marker_id]))
+            n_prompt.append(len(prompt))
+            writing.append(write)
+            rationales.append(rationale)
+        b, width = len(items), max(len(p) for p in prefixes)
+        ids = torch.full((b, width), int(tok.pad_id), dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        types = torch.zeros((b, width), dtype=torch.long)  # pads: 0 (they are masked out as keys anyway)
+        for i, p in enumerate(prefixes):
+            pad = width - len(p)
+            ids[i, pad:], mask[i, pad:] = torch.as_tensor(p), 1
+            types[i, pad + n_prompt[i]:] = 1
+        positions = mask.cumsum(-1).clamp(min=1)  # 1-indexed over the real tokens; pads get 1 (unused)
+        pixels = preprocess_images(np.stack([np.asarray(it[0], np.uint8) for it in items]),
+                                   image_size(self.model)).to(device)
+        fed = [len(p) for p in prefixes]
         cache = DynamicCache()
-
-        def feed(ids, first=False, token_type=None):
-            kwargs = dict(pixel_values=pixels, token_type_ids=token_type) if first else {}
-            out = self.model(input_ids=torch.as_tensor([ids], device=device), cache=cache, use_cache=True, **kwargs)
-            return out.logits[0, -1].float().cpu()
-
-        def feed_prefix(target):
-            """One pass over the prompt (token type 0) and the known target tokens (type 1): the training mask."""
-            types = torch.tensor([[0] * len(prompt) + [1] * len(target)], dtype=torch.long, device=device)
-            return feed(prompt + target, first=True, token_type=types)
-
-        with torch.no_grad():
-            if reasoning and forced_rationale is None:  # write the rationale, token by token, until ACTION:
-                rationale = []
-                logits = feed_prefix([])
-                while len(rationale) < self.max_rationale_tokens:
-                    nxt = int(torch.argmax(logits + self.text_mask))
-                    if nxt == self.tok.marker_id:
-                        break
-                    rationale.append(nxt)
-                    logits = feed([nxt])
-                logits = feed([self.tok.marker_id])
-            else:  # no rationale, or one reused from an earlier step: a single pass up to ACTION:
-                rationale = list(forced_rationale or []) if reasoning else []
-                logits = feed_prefix(rationale + [self.tok.marker_id])
-            action_ids = []
-            for _ in range(7):
-                nxt = int(torch.argmax(logits + self.action_mask))
-                action_ids.append(nxt)
-                if len(action_ids) < 7:
-                    logits = feed([nxt])
-        return self.tok.decode_text(rationale), self.tok.ids_to_action(action_ids), rationale, action_ids
+        actions: list[list[int]] = [[] for _ in items]
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
+                             position_ids=positions.to(device), token_type_ids=types.to(device), cache=cache,
+                             use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float().cpu()
+            rows = list(range(b))  # the items in the cache, in its batch order
+            while True:
+                # greedy choice of every row at once: text tokens while it writes its rationale, else action bins
+                restrict = torch.stack([self.text_mask if writing[i] else self.action_mask for i in rows])
+                best = torch.argmax(logits + restrict, dim=-1).tolist()
+                keep, nxt_ids = [], []
+                for r, i in enumerate(rows):
+                    if writing[i]:
+                        nxt = best[r] if len(rationales[i]) < max_r else tok.marker_id
+                        if nxt == tok.marker_id:
+                            writing[i] = False
+                        else:
+                            rationales[i].append(nxt)
+                    else:
+                        nxt = best[r]
+                        actions[i].append(nxt)
+                        if len(actions[i]) == n_act:
+                            continue  # done: the last action token is never fed back
+                    keep.append(r)
+                    nxt_ids.append(nxt)
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    index = torch.as_tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask = mask[keep]
+                    rows = [rows[r] for r in keep]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+                positions = torch.as_tensor([[fed[i] + 1] for i in rows])
+                for i in rows:
+                    fed[i] += 1
+                out = self.model(input_ids=torch.as_tensor([[t] for t in nxt_ids], device=device),
+                                 attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache,
+                                 use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1].float().cpu()
+        return [(rationales[i], actions[i]) for i in range(b)]
 
 
 class TeacherRationalePolicy:
     """A reasoning VLA that acts after the privileged teacher's rationale instead of writing its own: an oracle,
-    for simulation only (the teacher reads the simulator's object poses, and a shadow scripted expert, fed the
-    policy's own observations, tracks the task phase). It measures in closed loop what the model's actions are
-    worth when its rationale is right, i.e. how much of the gap to the baseline its own rationales cause."""
+    for simulation only (the teacher reads the simulator's object poses in ``obs["objects"]`` and describes the
+    current state). It measures in closed loop what the model's actions are worth when its rationale is right,
+    i.e. how much of the gap to the baseline its own rationales cause. Batched like ``VLAPolicy``; with action
+    chunks the rationale is the one of the observation where the chunk is decoded."""
 
     def __init__(self, vla: VLAPolicy):
-        from .experts import ExpertPolicy
-
-        self.vla, self.shadow, self.last_rationale = vla, ExpertPolicy(), ""
+        self.vla, self.last_rationale, self.slot_rationale = vla, "", {}
 
     def reset(self, instruction: str) -> None:
-        self.vla.reset(instruction)
-        self.shadow.reset(instruction)
-        self.last_rationale = ""
+        self.reset_slot(0, instruction)
 
     def act(self, obs: dict) -> np.ndarray:
-        from .teacher import privileged_rationale, render_rationale
+        return self.act_batch([obs], [0])[0]
 
-        if not obs.get("objects"):
+    def reset_slot(self, slot: int, instruction: str) -> None:
+        self.vla.reset_slot(slot, instruction)
+        self.slot_rationale[slot] = ""
+        if slot == 0:
+            self.last_rationale = ""
+
+    def act_batch(self, obs_list: list[dict], slots: list[int]) -> list[np.ndarray]:
+        if any(not obs.get("objects") for obs in obs_list):
             raise ValueError("TeacherRationalePolicy needs the simulator's privileged 'objects' in the observation "
                              "(robosuite backend only)")
-        self.shadow.act(obs)  # the phase the expert would be in on this trajectory, as in the training data
-        self.last_rationale = render_rationale(privileged_rationale(obs["state"], obs["objects"], self.shadow.phase))
-        _, action_ids = self.vla.generate_ids(obs["image"], obs.get("instruction") or self.vla.instruction,
-                                              obs["state"], rationale_ids=self.vla.tok.text_ids(self.last_rationale))
-        return self.vla.tok.ids_to_action(action_ids)
+        return self.vla.act_batch(obs_list, slots, rationale_fn=self._rationale_ids)
+
+    def _rationale_ids(self, obs: dict, slot: int) -> list[int]:
+        from .teacher import privileged_rationale, render_rationale
+
+        text = render_rationale(privileged_rationale(obs["state"], obs["objects"]))
+        self.slot_rationale[slot] = self.last_rationale = text
+        return self.vla.tok.text_ids(text)
 
 
 def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implementation: str = "eager",
@@ -194,14 +338,14 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
     if meta["kind"] == "base":
         return load_base(model_dir, quantization or "none", attn_implementation), tok, meta
     import torch
-    from peft import PeftModel
+
+    from .model import load_finetuned
 
     base = (model_dir / meta["base"]) if not Path(meta["base"]).is_absolute() else Path(meta["base"])
     base = base if base.exists() else meta["base"]  # a hub id
-    model = load_base(base, quantization or meta["quantization"], attn_implementation)
-    if tok.vocab_size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(tok.vocab_size)
-    model = PeftModel.from_pretrained(model, str(model_dir))
+    # the base as in training (grown to the vocabulary the same way, its head untied when head rows were trained)
+    model = load_finetuned(base, model_dir, quantization or meta["quantization"], attn_implementation,
+                           vocab_size=tok.vocab_size)
     if dequantize_on_cpu and not torch.cuda.is_available():
         from .model import dequantize_for_inference
 
@@ -209,16 +353,16 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
     return model, tok, meta
 
 
-def load_policy(model_dir: str | Path, reasoning: bool | None = None, reason_every: int = 1,
-                threads: int | None = None, teacher_rationale: bool = False):
-    """A ready VLAPolicy; reasoning defaults to whether the model was trained with rationales.
-    ``teacher_rationale``: act after the privileged teacher's rationale (TeacherRationalePolicy)."""
+def load_policy(model_dir: str | Path, reasoning: bool | None = None, threads: int | None = None,
+                teacher_rationale: bool = False, max_rationale_tokens: int = 96):
+    """A ready VLAPolicy; reasoning defaults to whether the model was trained to write its rationale before
+    acting. ``teacher_rationale``: act after the privileged teacher's rationale (TeacherRationalePolicy)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     model, tok, meta = load_vla(model_dir)
     if reasoning is None:
-        reasoning = bool(meta.get("use_rationale", False))
-    policy = VLAPolicy(model, tok, reasoning=reasoning, reason_every=reason_every)
+        reasoning = bool(meta.get("reasons_at_inference", meta.get("use_rationale", False)))
+    policy = VLAPolicy(model, tok, reasoning=reasoning, max_rationale_tokens=max_rationale_tokens)
     return TeacherRationalePolicy(policy) if teacher_rationale else policy

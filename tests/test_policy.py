@@ -2,6 +2,7 @@
 
     .venv/bin/pytest tests/test_policy.py -q
 """
+import copy
 import json
 import shutil
 from types import SimpleNamespace
@@ -47,9 +48,10 @@ def _obs(ds, i=0):
 
 
 def _decode(policy, image, instruction, state, reasoning, forced_rationale=None):
-    """(rationale text, action, rationale ids) of the policy's own greedy decoder."""
+    """(rationale text, action, rationale ids) of the policy's own greedy decoder (chunk 1: one action)."""
     out = policy._decode(image, instruction, state, reasoning, forced_rationale)
-    return out[0], out[1], list(out[2])
+    assert out[1].shape == (1, 7)
+    return out[0], out[1][0], list(out[2])
 
 
 def _is_bin_centre(tok, action):
@@ -186,14 +188,15 @@ class PushyModel(torch.nn.Module):
     def get_output_embeddings(self):
         return self.head
 
-    def forward(self, input_ids, cache=None, use_cache=True, pixel_values=None, token_type_ids=None):
+    def forward(self, input_ids, cache=None, use_cache=True, pixel_values=None, token_type_ids=None, **kwargs):
         if pixel_values is not None:
             self.calls = 0
+            self.decodes = getattr(self, "decodes", 0) + 1
         logits = self.base.clone()
         if self.marker_after is not None and self.calls == self.marker_after:
             logits[self.tok.marker_id] = 100.0
         self.calls += 1
-        return SimpleNamespace(logits=logits.expand(1, input_ids.shape[1], -1))
+        return SimpleNamespace(logits=logits.expand(*input_ids.shape, -1))
 
 
 def test_decoding_is_restricted_even_when_the_model_prefers_other_tokens(tok, ds):
@@ -211,8 +214,8 @@ def test_rationale_stops_at_the_marker(tok, ds):
     np.testing.assert_array_equal(action, tok.action_stats.decode(np.full(7, 7)))
 
 
-def test_act_follows_the_policy_protocol_and_reuses_rationales(tok, ds):
-    pol = VLAPolicy(PushyModel(tok, marker_after=2), tok, reasoning=True, reason_every=3)
+def test_act_follows_the_policy_protocol_and_rewrites_the_rationale_at_every_decode(tok, ds):
+    pol = VLAPolicy(PushyModel(tok, marker_after=2), tok, reasoning=True)
     assert isinstance(pol, Policy)
     image, instruction, state = _obs(ds)
     pol.reset(instruction)
@@ -220,7 +223,104 @@ def test_act_follows_the_policy_protocol_and_reuses_rationales(tok, ds):
         action = pol.act({"image": image, "state": state})
         assert action.dtype == np.float32 and action.shape == (7,)
         assert pol.last_rationale == "cube cube"
-    assert pol.step == 4
+    assert pol.step == 4 and pol.model.decodes == 4  # chunk 1: one decode (rationale + action) per step
+
+
+def _chunked(tok, chunk):
+    """The tokenizer with ``action_chunk`` set (a copy: the module's tokenizer stays at one action)."""
+    tok = copy.copy(tok)
+    tok.action_chunk = chunk
+    return tok
+
+
+def test_a_chunk_is_executed_before_decoding_again(policy, ds):
+    """With action_chunk = 3 a decode writes 21 action tokens; the next two steps pop the queued actions without
+    calling the model; the fourth decodes again (rationale first)."""
+    pol = VLAPolicy(policy.model, _chunked(policy.tok, 3), reasoning=True, max_rationale_tokens=12)
+    first_passes = []
+    handle = pol.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: first_passes.append(1) if kwargs.get("pixel_values") is not None else None,
+        with_kwargs=True)
+    image, instruction, state = _obs(ds)
+    try:
+        rationale, action_ids = pol.generate_ids(image, instruction, state)
+        assert len(action_ids) == 21 and set(action_ids) <= set(pol.tok.action_ids.tolist())
+        chunk = pol.ids_to_actions(action_ids)
+        assert chunk.shape == (3, 7) and chunk.dtype == np.float32
+        text, predicted = pol.predict(image, instruction, state)
+        np.testing.assert_array_equal(predicted, chunk)
+        first_passes.clear()
+        pol.reset(instruction)
+        actions = [pol.act({"image": image, "state": state, "instruction": instruction}) for _ in range(7)]
+    finally:
+        handle.remove()
+    assert len(first_passes) == 3  # steps 0, 3 and 6
+    np.testing.assert_array_equal(np.stack(actions[:3]), chunk)
+    np.testing.assert_array_equal(np.stack(actions[3:6]), chunk)  # same observation: same chunk
+    assert pol.slots[0].decodes == 3 and len(pol.slots[0].queue) == 2
+
+
+def _observations(ds):
+    """Observations with prompts of different lengths (three instructions) and different images and states."""
+    instructions = ["pick up the red cube", "stack the red cube on the green cube", "cube"]
+    return [{"image": np.asarray(ds[i]["image"]), "state": np.asarray(ds[i]["state"], np.float32),
+             "instruction": instructions[k % 3]} for k, i in enumerate((0, 5, 9, 13, 20))]
+
+
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_act_batch_equals_the_unbatched_decode_token_for_token(policy, ds, reasoning):
+    pol = VLAPolicy(policy.model, policy.tok, reasoning=reasoning, max_rationale_tokens=20)
+    obs = _observations(ds)
+    slots = [4, 0, 7, 2, 1]
+    for s, o in zip(slots, obs):
+        pol.reset_slot(s, o["instruction"])
+    actions = pol.act_batch(obs, slots)
+    for s, o, action in zip(slots, obs, actions):
+        text, want, rationale, action_ids = pol._decode(o["image"], o["instruction"], o["state"], reasoning, None)
+        assert pol.slots[s].rationale_ids == rationale and pol.slots[s].last_rationale == text
+        np.testing.assert_array_equal(action, want[0])
+        assert bool(rationale) == reasoning
+
+
+class MarkerAt(torch.nn.Module):
+    """The model, except that ACTION: is forced whenever the position of the last token fed is a multiple of 5:
+    a rule of each sequence alone, so rows with prompts of different lengths stop writing at different steps."""
+
+    def __init__(self, inner, marker_id):
+        super().__init__()
+        self.inner, self.marker_id, self.config = inner, marker_id, inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        logits = out.logits.clone()
+        logits[kwargs["position_ids"][:, -1] % 5 == 0, -1, self.marker_id] = 1e4
+        out.logits = logits
+        return out
+
+
+@pytest.mark.parametrize("marker", [False, True], ids=["capped", "marker"])
+def test_batched_decode_with_rows_that_stop_at_different_steps(policy, ds, marker):
+    """One batch mixing rows that write their rationale (to the cap, or to ACTION: after a number of tokens that
+    differs per row), rows with forced rationales of different lengths and rows that act at once: each row's
+    tokens equal its own unbatched decode (rows leave the batch at different steps; prompts have different
+    lengths, so the left padding differs per row)."""
+    model = MarkerAt(policy.model, policy.tok.marker_id) if marker else policy.model
+    pol = VLAPolicy(model, _chunked(policy.tok, 2), reasoning=True, max_rationale_tokens=16)
+    given = pol.tok.text_ids(ds[3]["rationale_text"])
+    obs = _observations(ds)
+    modes = [(True, None), (True, given[:3]), (False, None), (True, given), (True, None), (True, None)]
+    obs.append(obs[2])  # three writing rows (0, 4, 5) with three prompt lengths
+    items = [(o["image"], o["instruction"], o["state"], r, f) for o, (r, f) in zip(obs, modes)]
+    batched = pol._decode_many(items)
+    for item, (rationale, action_ids) in zip(items, batched):
+        _, _, want_rationale, want_actions = pol._decode(*item)
+        assert rationale == (list(item[4]) if item[4] is not None else want_rationale)
+        assert rationale == want_rationale and action_ids == want_actions and len(action_ids) == 14
+    written = {len(batched[k][0]) for k in (0, 4, 5)}
+    assert written == {16} if not marker else len(written) == 3 and max(written) < 16
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -293,22 +393,35 @@ def test_dequantized_inference_matches_the_4bit_model(trained):
 
 def test_teacher_rationale_policy_acts_after_the_privileged_rationale(trained, ds):
     """The oracle: the ReFineVLA model acts after the privileged teacher's rationale for the current simulator
-    state and the phase a shadow expert is in, exactly as if that rationale were its own."""
+    state (no shadow expert), exactly as if that rationale were its own; batched like the VLA."""
     from refinevla.policy import TeacherRationalePolicy
     from refinevla.teacher import privileged_rationale, render_rationale
 
     oracle = load_policy(trained.refine, threads=1, teacher_rationale=True)
     assert isinstance(oracle, TeacherRationalePolicy) and isinstance(oracle, Policy)
+    assert not hasattr(oracle, "shadow")
     image, _, _ = _obs(ds)
     state = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # open gripper, 18 cm above the cube
     objects = [{"name": "cube", "role": "target", "pos": [0.06, -0.02, 0.82]}]
     obs = {"image": image, "state": state, "instruction": "pick up the red cube", "objects": objects}
     oracle.reset("pick up the red cube")
     action = oracle.act(obs)
-    assert oracle.shadow.phase == "approach"
-    expected = render_rationale(privileged_rationale(state, objects, "approach"))
+    expected = render_rationale(privileged_rationale(state, objects))
     assert oracle.last_rationale == expected and "cube" in expected
-    _, ids = oracle.vla.generate_ids(image, "pick up the red cube", state, rationale_ids=oracle.vla.tok.text_ids(expected))
+    _, ids = oracle.vla.generate_ids(image, "pick up the red cube", state,
+                                     rationale_ids=oracle.vla.tok.text_ids(expected))
     np.testing.assert_array_equal(action, oracle.vla.tok.ids_to_action(ids))
+    # batched: each slot acts after the rationale of its own state
+    state2 = state.copy()
+    state2[2] = 0.84
+    obs2 = dict(obs, state=state2)
+    for s in (3, 5):
+        oracle.reset_slot(s, "pick up the red cube")
+    a3, a5 = oracle.act_batch([obs, obs2], [3, 5])
+    np.testing.assert_array_equal(a3, action)
+    assert oracle.slot_rationale[5] == render_rationale(privileged_rationale(state2, objects))
+    _, ids2 = oracle.vla.generate_ids(image, "pick up the red cube", state2,
+                                      rationale_ids=oracle.vla.tok.text_ids(oracle.slot_rationale[5]))
+    np.testing.assert_array_equal(a5, oracle.vla.tok.ids_to_action(ids2))
     with pytest.raises(ValueError, match="objects"):
         oracle.act({"image": image, "state": state, "instruction": "pick up the red cube"})
