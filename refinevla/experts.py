@@ -24,6 +24,9 @@ import numpy as np
 from .schema import ACTION_DIM
 
 OPEN, CLOSED = 1.0, 0.0
+#: a Panda gripper opening (1 = open) below which the fingers hold a 4-5 cm cube: the experts lift then, the teacher
+#: says "holding" then (both read the same observable condition)
+GRASPED_OPENING = 0.66
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,10 @@ class ExpertConfig:
 
     hover: float = 0.08  # approach this far above the target
     grasp_dz: float = 0.0  # grasp height relative to the target's body position
-    grasp_steps: int = 8  # steps the gripper is closed before lifting
+    grasp_steps: int = 8  # steps the gripper is closed before lifting (when grasp_opening is None)
+    #: lift as soon as the gripper opening falls below this (it has closed on the object): a condition the policy can
+    #: see in its state, where a step count is a hidden timer no memoryless policy can follow; None = grasp_steps
+    grasp_opening: float | None = None
     lift_z: float = 1.0  # absolute carry height (table top is at ~0.8 m)
     place_dz: float | None = None  # release height of the target above the goal; None = a lift-only task
     release_steps: int = 6  # steps the gripper is opened before retreating
@@ -43,9 +49,11 @@ class ExpertConfig:
 
 
 EXPERT_CONFIGS: dict[str, ExpertConfig] = {
-    "lift": ExpertConfig(lift_z=0.95),
+    "lift": ExpertConfig(lift_z=0.95, grasp_opening=GRASPED_OPENING),
+    # the lift expert on whichever cube the instruction names (a 4 cm cube leaves an opening of 0.5, a 5 cm one 0.62)
+    "pick_cube": ExpertConfig(lift_z=0.95, grasp_opening=GRASPED_OPENING),
     # cubeA (half size 2 cm) released with its centre 5.5 cm above cubeB's centre (half size 2.5 cm)
-    "stack": ExpertConfig(lift_z=0.93, place_dz=0.055),
+    "stack": ExpertConfig(lift_z=0.93, place_dz=0.055, grasp_opening=GRASPED_OPENING),
     # the can's body origin is 6 cm above its bottom and the bin walls top out at 0.90 m: carry it at 1.0 m, then
     # lower it to 6 cm above the goal marker (its bottom then inside the compartment) and let go
     "pick_place_can": ExpertConfig(lift_z=1.0, place_dz=0.06),
@@ -86,6 +94,7 @@ class ScriptedExpert:
         """One action from the privileged state; updates ``phase`` to the phase of this action."""
         cfg = self.cfg
         eef = np.asarray(obs["state"][:3], dtype=np.float64)
+        self._opening = float(obs["state"][7])
         target = _find(obs["objects"], "target")
         goal = _find(obs["objects"], "goal")
         if target is None or (goal is None and self.cfg.place_dz is not None):
@@ -126,7 +135,8 @@ class ScriptedExpert:
             if np.linalg.norm(target + [0, 0, cfg.grasp_dz] - eef) < cfg.tol or timeout:
                 self._go("grasp")
         elif p == "grasp":
-            if n >= cfg.grasp_steps:
+            closed = self._opening < cfg.grasp_opening if cfg.grasp_opening is not None else n >= cfg.grasp_steps
+            if closed or timeout:
                 self._go("lift")
         elif p == "lift":
             if cfg.place_dz is not None and eef[2] > cfg.lift_z - 2 * cfg.tol:
@@ -159,7 +169,11 @@ class ExpertPolicy:
     def __init__(self, seed: int = 0):
         from .sim import TASKS
 
-        self.by_instruction = {spec.instruction: task for task, spec in TASKS.items() if task in EXPERT_CONFIGS}
+        self.by_instruction = {}  # lift and pick_cube share "pick up the red cube" and the expert config
+        for task, spec in TASKS.items():
+            if task in EXPERT_CONFIGS:
+                for _, instruction in spec.choices or ((spec.target, spec.instruction),):
+                    self.by_instruction.setdefault(instruction, task)
         self.seed = seed
         self.expert: ScriptedExpert | None = None
 

@@ -36,12 +36,29 @@ class TaskSpec:
     target: str  # robosuite object name of the object the task is about (attention masks use it)
     goal: str | None = None  # object name of the place it must go, if any
     env_kwargs: tuple = ()  # extra robosuite constructor arguments, as (key, value) pairs
+    #: (target object, instruction) alternatives: the episode seed picks one (seed % len), so the instruction
+    #: selects the target among the other objects; empty = always ``target`` / ``instruction``
+    choices: tuple = ()
+    success: str = "env"  # "env": the environment's own test; "lifted": the target 4 cm above the table
+    #: "sides": the first two objects on opposite sides of the table centre (y = +-6 cm, +-2 cm of jitter in x and
+    #: y), which one on the left drawn from the seed; "" = the environment's own placement
+    layout: str = ""
+
+    def choice(self, seed: int) -> tuple[str, str]:
+        """(target object, instruction) of the episode with this seed."""
+        return self.choices[int(seed) % len(self.choices)] if self.choices else (self.target, self.instruction)
 
 
 #: Horizons are about 2-4x the scripted expert's episode length (lift ~30, stack ~60, pick_place_can ~120 steps),
 #: room for a hesitant learned policy without paying for hopeless episodes.
 TASKS: dict[str, TaskSpec] = {
     "lift": TaskSpec("Lift", "pick up the red cube", max_steps=120, target="cube"),
+    # Stack's two cubes (red 4 cm, green 5 cm) on opposite sides of the table, 12 cm apart (+-2 cm): the instruction
+    # names the one to lift, the other is a distractor. Seeds cycle through the four cases: even seeds ask for the red
+    # cube, odd ones for the green; (seed // 2) % 2 says which cube is on the robot's left
+    "pick_cube": TaskSpec("Stack", "pick up the red cube", max_steps=80, target="cubeA", success="lifted",
+                          choices=(("cubeA", "pick up the red cube"), ("cubeB", "pick up the green cube")),
+                          layout="sides"),
     "stack": TaskSpec("Stack", "stack the red cube on the green cube", max_steps=200, target="cubeA", goal="cubeB"),
     # single-object PickPlace: the can starts in the left bin; its compartment in the right bin is the one nearest
     # the camera on the right, marked by the VisualCan marker (success: the can inside it, gripper moved away)
@@ -49,8 +66,11 @@ TASKS: dict[str, TaskSpec] = {
                                max_steps=250, target="Can", goal="VisualCan"),
 }
 
-CAMERA = "agentview"
+#: the policy camera: the wrist camera sees the cubes large and centred on the gripper at every step (the agentview
+#: camera, ~1.5 cm per pixel at 64 px, leaves the policy 2-3 cm off at the grasp)
+CAMERA = "robot0_eye_in_hand"
 CONTROL_FREQ = 20
+SPLITS = ("in_distribution", "variant")
 _MJOBJ_GEOM = 5  # mujoco.mjtObj.mjOBJ_GEOM (a constant, to keep mujoco out of import time)
 
 
@@ -108,7 +128,8 @@ def make_controller_config() -> dict:
 class SimTask:
     """One robosuite task: reset(seed) -> obs, step(action) -> (obs, success), success(), close()."""
 
-    def __init__(self, task: str, image_size: int = 64, segmentation: bool = True, camera: str = CAMERA):
+    def __init__(self, task: str, image_size: int = 64, segmentation: bool = True, camera: str = CAMERA,
+                 split: str = "in_distribution"):
         import logging
 
         import robosuite
@@ -119,6 +140,8 @@ class SimTask:
         self.image_size = int(image_size)
         self.segmentation = bool(segmentation)
         self.camera = camera
+        self.split = split
+        self.target, self.instruction = self.spec.choice(0)
         self.env = robosuite.make(
             self.spec.env_name,
             robots="Panda",
@@ -137,8 +160,15 @@ class SimTask:
         self.robot = self.env.robots[0]
         self._make_renderer()
         self._object_bodies = self._find_object_bodies()
-        self._target_geoms = self._geoms_of(self.spec.target)
+        self._target_geoms = self._geoms_of(self.target)
+        self._layouts = self._side_samplers() if self.spec.layout == "sides" else []
+        self._scenes = None
+        if split != "in_distribution":
+            from .scenes import SceneVariants
+
+            self._scenes = SceneVariants(self, camera)
         self.steps = 0
+        self.scene: dict = {}
 
     # --- setup helpers
 
@@ -173,6 +203,23 @@ class SimTask:
             in_subtree[b] = b == root or (b > 0 and in_subtree[m.body_parentid[b]])
         return np.flatnonzero(in_subtree[m.geom_bodyid])
 
+    def _side_samplers(self) -> list:
+        """Two placements of the task's first two objects: the first on the robot's left and the second on its right,
+        and the other way round (robosuite's own samplers, one per object, each in its own range)."""
+        from robosuite.utils.placement_samplers import SequentialCompositeSampler, UniformRandomSampler
+
+        objects = list(self.env.model.mujoco_objects)[:2]
+        layouts = []
+        for signs in ((1, -1), (-1, 1)):
+            composite = SequentialCompositeSampler(name="ObjectSampler")
+            for obj, sign in zip(objects, signs):
+                composite.append_sampler(UniformRandomSampler(
+                    name=f"{obj.name}Sampler", mujoco_objects=obj, x_range=[-0.02, 0.02],
+                    y_range=sorted([sign * 0.04, sign * 0.08]), rotation=0.0, ensure_object_boundary_in_range=False,
+                    ensure_valid_placement=True, reference_pos=self.env.table_offset, z_offset=0.01))
+            layouts.append(composite)
+        return layouts
+
     def _reseed(self, seed: int) -> None:
         """Point robosuite's rng (robot init noise) and every placement sampler at a fresh generator for ``seed``."""
         rng = np.random.default_rng(int(seed))
@@ -187,8 +234,15 @@ class SimTask:
 
     def reset(self, seed: int) -> dict:
         """Reset to the initial scene of ``seed`` (same seed -> same scene) and return the first observation."""
+        if self._layouts:
+            self.env.placement_initializer = self._layouts[(int(seed) // 2) % len(self._layouts)]
         self._reseed(seed)
+        target, self.instruction = self.spec.choice(seed)
+        if target != self.target:
+            self.target, self._target_geoms = target, self._geoms_of(target)
         self.env.reset()
+        if self._scenes is not None:  # the variant split: textures, lighting and camera drawn from the seed
+            self.scene = self._scenes.apply(self.split, seed)
         self.steps = 0
         return self.observe()
 
@@ -204,7 +258,10 @@ class SimTask:
         return self.spec.max_steps
 
     def success(self) -> bool:
-        """The environment's own success test."""
+        """The environment's own success test, or for "lifted" tasks: the target 4 cm above the table top."""
+        if self.spec.success == "lifted":
+            z = self.env.sim.data.body_xpos[self._object_bodies[self.target]][2]
+            return bool(z > self.env.model.mujoco_arena.table_offset[2] + 0.04)
         return bool(self.env._check_success())
 
     def close(self) -> None:
@@ -215,6 +272,9 @@ class SimTask:
     def render(self, segmentation: bool = False) -> np.ndarray:
         """The policy camera, upright: RGB uint8 HxWx3, or when ``segmentation`` HxW int geom ids (-1: no geom)."""
         n = self.image_size
+        # several tasks in one process (an evaluation worker's split x task envs) each own a GL context: draw through
+        # this one, not whichever was made current last
+        self.env.sim._render_context_offscreen.gl_ctx.make_current()
         out = self.env.sim.render(camera_name=self.camera, width=n, height=n, depth=False, segmentation=segmentation)
         out = out[::-1]  # MuJoCo's OpenGL buffer is bottom-up; row 0 must be the top of the picture
         if segmentation:  # channels: MuJoCo object type, object id
@@ -253,7 +313,7 @@ class SimTask:
         markers count as objects (PickPlace's goal is one); objects parked outside the scene are left out."""
         records = []
         for name, body in self._object_bodies.items():
-            role = "target" if name == self.spec.target else "goal" if name == self.spec.goal else "other"
+            role = "target" if name == self.target else "goal" if name == self.spec.goal else "other"
             pos = self.env.sim.data.body_xpos[body]
             if pos[2] > 5.0:
                 continue  # robosuite parks the unused objects of single-object mode at (10, 10, 10)
@@ -265,7 +325,7 @@ class SimTask:
         obs = {
             "image": self.render(),
             "state": self.state(),
-            "instruction": self.spec.instruction,
+            "instruction": self.instruction,
             "objects": self.objects(),
         }
         if self.segmentation:
@@ -273,7 +333,11 @@ class SimTask:
         return obs
 
 
-def make_task(task: str, image_size: int = 64, segmentation: bool = True, camera: str = CAMERA) -> SimTask:
-    """Build the wrapped robosuite task ``task`` (one of ``TASKS``)."""
+def make_task(task: str, image_size: int = 64, segmentation: bool = True, camera: str = CAMERA,
+              split: str = "in_distribution") -> SimTask:
+    """Build the wrapped robosuite task ``task`` (one of ``TASKS``); ``split`` "variant" draws each episode's scene
+    (textures, lighting, camera) from its seed (``refinevla.scenes``), "in_distribution" keeps the default scene."""
     task_spec(task)  # fail fast, before robosuite is imported
-    return SimTask(task, image_size=image_size, segmentation=segmentation, camera=camera)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
+    return SimTask(task, image_size=image_size, segmentation=segmentation, camera=camera or CAMERA, split=split)

@@ -3,9 +3,9 @@
 ReFineVLA's first stage asks a teacher (the paper: Gemini 2.0 Flash) for a structured chain of thought per
 trajectory frame: observation, situation analysis, spatial reasoning, task planning. Two teachers here:
 
-- ``privileged`` (default, offline): a fixed template filled from simulator state (object poses, gripper,
-  expert phase). Deterministic, free, faithful by construction, and short (a fixed vocabulary of ~50 words,
-  the object names and integers 1..99; 35-45 words with one object, up to ~51 with two two-word names) so
+- ``privileged`` (default, offline): a fixed template filled from the current simulator state (object positions
+  relative to the gripper and its opening; no expert phase or timer). Deterministic, free, faithful by
+  construction, and short (a fixed vocabulary of ~40 words, the object names and integers 1..99; 30-45 words) so
   that a tiny word-level model can learn to write it on a CPU.
 - ``http``: any OpenAI-compatible chat endpoint (OpenAI, Gemini's compatibility endpoint, vLLM, Ollama),
   with a cache, retries, bounded concurrency and cost accounting; see ``refinevla.teacher_http``.
@@ -37,13 +37,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from .experts import GRASPED_OPENING
 from .schema import RATIONALE_PARTS, require_columns
 
 # -----------------------------------------------------------------------------
 # The rationale and its text form
 
 #: Version of the privileged teacher's sentence template; bump it when a sentence changes.
-TEMPLATE_VERSION = "privileged-v1"
+TEMPLATE_VERSION = "privileged-v2"  # v2: the current state only (no expert phase)
 #: Labels of the four parts in the single-line training target, in RATIONALE_PARTS order.
 PART_LABELS = {"observation": "OBSERVATION:", "situation_analysis": "SITUATION:",
                "spatial_reasoning": "SPATIAL:", "task_planning": "PLAN:"}
@@ -75,10 +76,11 @@ def as_rationale(r) -> Rationale:
     return Rationale.model_validate(r)
 
 
-def render_rationale(r) -> str:
-    """The single-line training target: "OBSERVATION: ... SITUATION: ... SPATIAL: ... PLAN: ..."."""
+def render_rationale(r, parts=RATIONALE_PARTS) -> str:
+    """The single-line training target: "OBSERVATION: ... SITUATION: ... SPATIAL: ... PLAN: ..." (``parts``: a subset
+    of the four, in their order, e.g. for the ablation that drops one part)."""
     r = as_rationale(r)
-    return " ".join(f"{PART_LABELS[p]} {' '.join(getattr(r, p).split())}" for p in RATIONALE_PARTS)
+    return " ".join(f"{PART_LABELS[p]} {' '.join(getattr(r, p).split())}" for p in RATIONALE_PARTS if p in parts)
 
 
 def parse_rationale_text(text: str) -> Rationale | None:
@@ -133,18 +135,10 @@ def describe_offset(name: str, offset_m) -> str:
 # -----------------------------------------------------------------------------
 # The privileged-state teacher
 
-HOLD_DISTANCE_M = 0.03  # the target counts as held when the gripper is closed and this close to it
-#: (situation, plan) per expert phase; {t} is the target, {g} the goal (or "goal" when the task has none).
-PHASE_SENTENCES = {
-    "approach": ("approaching the {t}", "move above the {t} then descend"),
-    "descend": ("above the {t} and descending", "descend to the {t} then grasp"),
-    "grasp": ("around the {t} and closing", "close the gripper then lift"),
-    "lift": ("holding and lifting the {t}", "lift the {t}"),
-    "move": ("carrying the {t} to the {g}", "move above the {g} then lower"),
-    "place": ("lowering the {t} onto the {g}", "lower onto the {g} then release"),
-    "release": ("releasing the {t} on the {g}", "open the gripper and move up"),
-}
-CARRY_PHASES = ("move", "place", "release")
+HOLD_DISTANCE_M = 0.03  # the target counts as held when the gripper has closed on it and it is this close
+CLOSED_OPENING = 0.8     # an opening below this is a closing (or closed) gripper
+AT_DISTANCE_M = 0.015    # the gripper is "at" an object this close to it
+ABOVE_XY_M = 0.015       # ... and "above" it when this close horizontally
 
 
 def gripper_words(opening: float) -> str:
@@ -152,9 +146,15 @@ def gripper_words(opening: float) -> str:
     return "an open gripper" if opening >= 0.7 else "a closed gripper" if opening <= 0.3 else "a half open gripper"
 
 
-def privileged_rationale(state, objects, phase: str = "", where: str = "row") -> Rationale:
-    """Write the rationale of one frame from simulator state (schema `state`, `objects`, `phase`); raise
-    naming the field when `objects` is empty. The instruction is not read: the target's role says it all."""
+def privileged_rationale(state, objects, where: str = "row") -> Rationale:
+    """Write the rationale of one frame from what the frame shows: the objects' positions relative to the gripper and
+    the gripper's opening (schema `state`, `objects`); raise naming the field when `objects` is empty.
+
+    Only the current state is read (no expert phase, timer or plan), so the same function describes any state a
+    policy reaches in closed loop, and a rationale written at step t is true at step t. The situation and the plan
+    follow from the geometry: far -> move above the target; above it -> descend; at it -> close; holding it ->
+    lift it (or move it to the goal); closed and empty -> open. The instruction is not read: the target's role
+    (the object the instruction names) says it all."""
     objects = load_objects(objects, where)
     if not objects:
         raise ValueError(f"{where}: the privileged teacher needs privileged object poses, but field 'objects' "
@@ -163,22 +163,27 @@ def privileged_rationale(state, objects, phase: str = "", where: str = "row") ->
     goal = next((o for o in objects if o["role"] == "goal"), None)
     eef, opening = np.asarray(state, np.float64)[:3], float(state[7])
     offset = lambda o: np.asarray(o["pos"], np.float64) - eef
-    t, g = object_name(target), object_name(goal) if goal else "goal"
-    held = opening < 0.5 and np.linalg.norm(offset(target)) < HOLD_DISTANCE_M
+    t, g = object_name(target), object_name(goal) if goal else ""
+    to_target = offset(target)
+    closing, near = opening < CLOSED_OPENING, np.linalg.norm(to_target) < HOLD_DISTANCE_M
+    held = opening < GRASPED_OPENING and near  # the condition on which the scripted experts lift
 
     shown = ([target] + ([goal] if goal else []) + [o for o in objects if o["role"] == "other"])[:2]
     observation = " and ".join([f"the {object_name(o)}" for o in shown] + [gripper_words(opening)])
-    if phase in PHASE_SENTENCES:
-        situation, plan = (s.format(t=t, g=g) for s in PHASE_SENTENCES[phase])
-    elif held:
+    if held:
         situation, plan = f"holding the {t}", f"move the {t} to the {g}" if goal else f"lift the {t}"
+    elif closing and near:
+        situation, plan = f"closing on the {t}", "close the gripper"
+    elif closing:
+        situation, plan = "the gripper is closed and empty", "open the gripper"
+    elif np.linalg.norm(to_target) < AT_DISTANCE_M:
+        situation, plan = f"at the {t}", "close the gripper"
+    elif np.linalg.norm(to_target[:2]) < ABOVE_XY_M and to_target[2] < 0:
+        situation, plan = f"above the {t}", f"descend to the {t}"
     else:
-        cm = min(MAX_CM, int(round(np.linalg.norm(offset(target)) * 100)))
-        situation, plan = f"{cm} cm from the {t}", f"reach the {t} then grasp it"
-    if phase == "lift" and goal:
-        plan += f" then move to the {g}"
-    focus = goal if goal and (phase in CARRY_PHASES or (held and phase not in PHASE_SENTENCES)) else target
-    spatial = describe_offset(object_name(focus), offset(focus))
+        cm = min(MAX_CM, int(round(np.linalg.norm(to_target) * 100)))
+        situation, plan = f"{cm} cm from the {t}", f"move above the {t}"
+    spatial = describe_offset(g if held and goal else t, offset(goal if held and goal else target))
     return Rationale(observation=observation, situation_analysis=situation,
                      spatial_reasoning=spatial, task_planning=plan)
 
@@ -404,15 +409,13 @@ def run_privileged(demos, keys: list[int]) -> tuple[dict[int, Annotation], dict]
     """Annotate the key frames from simulator state; the summary carries the faithfulness self-check."""
     require_columns(demos.column_names, ("objects",), where="demos (the privileged teacher reads 'objects')")
     cols = ["episode_index", "step_index", "state", "objects"]
-    cols += ["phase"] if "phase" in demos.column_names else []
     out, checks = {}, []
     for i, row in tqdm(read_rows(demos, keys, cols, 256), total=len(keys), desc="annotate (privileged)",
                        mininterval=0.5):
         where = f"row {i} (episode {row['episode_index']}, step {row['step_index']})"
-        phase = row.get("phase") or ""
-        r = privileged_rationale(row["state"], row["objects"], phase, where)
+        r = privileged_rationale(row["state"], row["objects"], where)
         h = hash_inputs("privileged", TEMPLATE_VERSION, np.asarray(row["state"], np.float32),
-                        load_objects(row["objects"]), phase)
+                        load_objects(row["objects"]))
         out[i] = Annotation(r, "privileged", "privileged-state", TEMPLATE_VERSION, h)
         checks.append(check_faithfulness(r, row["objects"], row["state"]))
     summary = {"teacher": "privileged", "requests_sent": 0, "cost_usd": 0.0, "failed": 0,

@@ -1,8 +1,14 @@
 """Tokens: action / state bins and the text tokenizer, for the tiny model and for real checkpoints.
 
 Actions follow OpenVLA: each dimension is normalised with the dataset's 1st/99th percentiles to [-1, 1],
-cut into 256 uniform bins, and each bin is one reserved vocabulary token. The proprioceptive state is
-discretised the same way (its own statistics, its own 256 tokens) and written into the prompt.
+cut into uniform bins, and each bin is one reserved vocabulary token. Actions use an odd number of bins
+(255 of the 256 reserved tokens), so that the middle of a symmetric range, a zero command, is the centre of a
+bin and decodes to exactly zero (with 256 bins zero sits on a bin edge and decodes to +1/256 of the range,
+a drift of several degrees per axis over an episode). The proprioceptive state is discretised the same way
+(its own statistics, its own 256 tokens) and written into the prompt.
+
+A frame's action target can be a chunk of the next ``action_chunk`` actions (SpatialVLA predicts chunks of
+4): ``7 * action_chunk`` bin tokens, executed one control step at a time before the policy decodes again.
 
 The tiny scale trains a word-level tokenizer on the instructions and rationales of the run and appends the
 special and bin tokens; a real PaliGemma checkpoint reuses its ``<locNNNN>`` tokens as bins.
@@ -15,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-N_BINS = 256
+N_BINS = 256          # reserved tokens per kind (actions, state)
+ACTION_BINS = 255     # odd: zero is a bin centre
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<sep>", "<image>", "ACTION:"]
 ACTION_MARKER = "ACTION:"
 
@@ -30,12 +37,17 @@ class BinStats:
     n_bins: int = N_BINS
 
     @classmethod
-    def fit(cls, values: np.ndarray, q: float = 0.01, n_bins: int = N_BINS) -> "BinStats":
-        """Percentile range of ``values`` [N, D]; a constant dimension gets a unit-wide range around it."""
+    def fit(cls, values: np.ndarray, q: float = 0.01, n_bins: int = N_BINS, symmetric=()) -> "BinStats":
+        """Percentile range of ``values`` [N, D]; a constant dimension gets a unit-wide range around it.
+        Dimensions in ``symmetric`` get the range [-m, m] (m the larger end): with an odd ``n_bins``, zero is then
+        the centre of the middle bin (deltas: "do not move" decodes to exactly 0)."""
         values = np.asarray(values, np.float64)
         if values.ndim != 2 or len(values) == 0:
             raise ValueError(f"BinStats.fit needs a non-empty [N, D] array, got shape {values.shape}")
         low, high = np.quantile(values, q, axis=0), np.quantile(values, 1 - q, axis=0)
+        for d in symmetric:
+            m = max(abs(low[d]), abs(high[d]))
+            low[d], high[d] = -m, m
         flat = (high - low) < 1e-6
         low, high = np.where(flat, low - 0.5, low), np.where(flat, high + 0.5, high)
         return cls(low=low.tolist(), high=high.tolist(), n_bins=n_bins)
@@ -65,13 +77,14 @@ class VLATokenizer:
     """
 
     def __init__(self, hf_tokenizer, action_ids, state_ids, marker_id, image_id, bos_id, sep_ids,
-                 pad_id, action_stats: BinStats, state_stats: BinStats):
+                 pad_id, action_stats: BinStats, state_stats: BinStats, action_chunk: int = 1):
         self.hf = hf_tokenizer
         self.action_ids = np.asarray(action_ids, np.int64)
         self.state_ids = np.asarray(state_ids, np.int64)
         self.marker_id, self.image_id, self.bos_id, self.pad_id = marker_id, image_id, bos_id, pad_id
         self.sep_ids = list(sep_ids)
         self.action_stats, self.state_stats = action_stats, state_stats
+        self.action_chunk = int(action_chunk)
         self._bin_of_action_id = {int(t): i for i, t in enumerate(self.action_ids)}
 
     @property
@@ -87,7 +100,13 @@ class VLATokenizer:
 
     # -- bins
     def action_to_ids(self, action: np.ndarray) -> list[int]:
-        return self.action_ids[self.action_stats.encode(action)].tolist()
+        """float[7] or a chunk float[k, 7] -> 7 or 7k bin tokens (row by row)."""
+        return self.action_ids[self.action_stats.encode(action)].reshape(-1).tolist()
+
+    @property
+    def action_tokens(self) -> int:
+        """Action tokens per decoded frame: 7 per action of the chunk."""
+        return 7 * self.action_chunk
 
     def ids_to_bins(self, ids) -> np.ndarray:
         """The bin index (0..n_bins-1) of each action token."""
@@ -95,6 +114,10 @@ class VLATokenizer:
 
     def ids_to_action(self, ids) -> np.ndarray:
         return self.action_stats.decode(self.ids_to_bins(ids))
+
+    def ids_to_actions(self, ids) -> np.ndarray:
+        """7k action tokens -> float32[k, 7], the chunk in execution order."""
+        return self.action_stats.decode(self.ids_to_bins(ids).reshape(-1, len(self.action_stats.low)))
 
     def state_to_ids(self, state: np.ndarray) -> list[int]:
         return self.state_ids[self.state_stats.encode(state)].tolist()
@@ -110,7 +133,7 @@ class VLATokenizer:
         self.hf.save_pretrained(out_dir)
         meta = dict(action_ids=self.action_ids.tolist(), state_ids=self.state_ids.tolist(),
                     marker_id=self.marker_id, image_id=self.image_id, bos_id=self.bos_id,
-                    sep_ids=self.sep_ids, pad_id=self.pad_id,
+                    sep_ids=self.sep_ids, pad_id=self.pad_id, action_chunk=self.action_chunk,
                     action_stats=asdict(self.action_stats), state_stats=asdict(self.state_stats))
         (out_dir / "vla_tokens.json").write_text(json.dumps(meta, indent=1))
 
@@ -126,12 +149,12 @@ class VLATokenizer:
         hf = AutoTokenizer.from_pretrained(path)
         return cls(hf, meta["action_ids"], meta["state_ids"], meta["marker_id"], meta["image_id"],
                    meta["bos_id"], meta["sep_ids"], meta["pad_id"],
-                   BinStats(**meta["action_stats"]), BinStats(**meta["state_stats"]))
+                   BinStats(**meta["action_stats"]), BinStats(**meta["state_stats"]), meta.get("action_chunk", 1))
 
     # -- builders
     @classmethod
     def train_tiny(cls, texts, action_stats: BinStats, state_stats: BinStats,
-                   min_frequency: int = 1) -> "VLATokenizer":
+                   min_frequency: int = 1, action_chunk: int = 1) -> "VLATokenizer":
         """A lower-case word-level tokenizer over ``texts`` + specials + 256 action and 256 state tokens."""
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
@@ -148,11 +171,11 @@ class VLATokenizer:
                                      bos_token="<bos>", eos_token="<eos>")
         ids = hf.convert_tokens_to_ids
         return cls(hf, ids(action_tokens), ids(state_tokens), ids(ACTION_MARKER), ids("<image>"),
-                   ids("<bos>"), [ids("<sep>")], ids("<pad>"), action_stats, state_stats)
+                   ids("<bos>"), [ids("<sep>")], ids("<pad>"), action_stats, state_stats, action_chunk)
 
     @classmethod
     def from_pretrained_checkpoint(cls, checkpoint: str, action_stats: BinStats,
-                                   state_stats: BinStats) -> "VLATokenizer":
+                                   state_stats: BinStats, action_chunk: int = 1) -> "VLATokenizer":
         """Wrap a real PaliGemma tokenizer: bins are ``<loc0000..0255>`` (actions), ``<loc0256..0511>``
         (state); the marker is the plain-text "ACTION:" (its first sub-token starts the action part)."""
         from transformers import AutoTokenizer
@@ -168,4 +191,4 @@ class VLATokenizer:
         image_id = hf.convert_tokens_to_ids("<image>")
         sep = hf("\n", add_special_tokens=False)["input_ids"]
         return cls(hf, loc[:N_BINS], loc[N_BINS:], marker[0], image_id, hf.bos_token_id, sep,
-                   hf.pad_token_id, action_stats, state_stats)
+                   hf.pad_token_id, action_stats, state_stats, action_chunk)

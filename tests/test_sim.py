@@ -10,7 +10,7 @@ from refinevla.sim import TASKS, from_robosuite_action, make_task, mat2rpy, to_r
 
 @pytest.fixture(scope="module")
 def lift():
-    task = make_task("lift", image_size=64)
+    task = make_task("lift", image_size=64, camera="agentview")  # a fixed camera: the projection test needs one
     yield task
     task.close()
 
@@ -110,5 +110,39 @@ def test_target_mask_nonempty_at_reset(task, size):
         roles = [o["role"] for o in obs["objects"]]
         assert roles.count("target") == 1 and roles.count("goal") == 1
         assert all(o["pos"][2] < 2.0 for o in obs["objects"])  # parked (unused) objects are left out
+    finally:
+        env.close()
+
+
+def test_pick_cube_instruction_names_the_target_by_seed():
+    env = make_task("pick_cube", image_size=32)
+    try:
+        seen = {}
+        for seed in (10_000, 10_001):
+            obs = env.reset(seed)
+            target = next(o for o in obs["objects"] if o["role"] == "target")
+            seen[obs["instruction"]] = target["name"]
+            assert [o["role"] for o in obs["objects"]].count("other") == 1  # the other cube is a distractor
+            assert (obs["target_mask"] > 0).sum() >= 4
+        assert seen == {"pick up the red cube": "cubeA", "pick up the green cube": "cubeB"}
+        assert not env.success()  # on the table at reset
+    finally:
+        env.close()
+
+
+def test_pick_cube_success_is_the_named_cube_lifted():
+    from refinevla.experts import ExpertPolicy
+
+    env, expert = make_task("pick_cube", image_size=32, segmentation=False), ExpertPolicy()
+    try:
+        obs = env.reset(10_001)  # the green cube
+        expert.reset(obs["instruction"])
+        for _ in range(env.max_steps):
+            obs, success = env.step(expert.act(obs))
+            if success:
+                break
+        assert success
+        z = {o["name"]: o["pos"][2] for o in obs["objects"]}
+        assert z["cubeB"] > z["cubeA"] + 0.03  # the named cube went up, the distractor stayed
     finally:
         env.close()

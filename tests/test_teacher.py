@@ -74,41 +74,47 @@ def test_describe_offset_uses_robosuite_frame_words():
 
 
 def test_privileged_names_target_and_direction():
-    r = privileged_rationale(state(), CUBE, "approach")
+    r = privileged_rationale(state(), CUBE)
     assert r.spatial_reasoning == "the red cube is 4 cm left of and 9 cm below the gripper"
     assert r.observation == "the red cube and an open gripper"
-    assert r.situation_analysis == "approaching the red cube"
-    assert r.task_planning == "move above the red cube then descend"
-    # while carrying, the spatial part is about the goal
-    objs = objects_json(("carrot", "target", (0.3, 0.0, 0.88)), ("plate", "goal", (0.42, -0.05, 0.80)))
-    r = privileged_rationale(state((0.3, 0.0, 0.9), 0.0), objs, "move")
+    assert r.situation_analysis == "10 cm from the red cube"
+    assert r.task_planning == "move above the red cube"
+    # holding (closing gripper at the target): the spatial part is about the goal
+    objs = objects_json(("carrot", "target", (0.3, 0.0, 0.89)), ("plate", "goal", (0.42, -0.05, 0.80)))
+    r = privileged_rationale(state((0.3, 0.0, 0.9), 0.0), objs)
     assert r.spatial_reasoning == "the plate is 12 cm ahead of and 5 cm right of and 10 cm below the gripper"
-    assert "carrot" in r.situation_analysis and "plate" in r.task_planning
-    # unknown phase: holding is inferred from a closed gripper at the target
-    r = privileged_rationale(state((0.3, 0.0, 0.89), 0.0), objs, "")
     assert r.situation_analysis == "holding the carrot" and r.task_planning == "move the carrot to the plate"
+
+
+@pytest.mark.parametrize("xyz, opening, situation, plan", [
+    ((0.05, 0.04, 0.95), 1.0, "15 cm from the red cube", "move above the red cube"),
+    ((0.0, 0.045, 0.88), 1.0, "above the red cube", "descend to the red cube"),
+    ((0.0, 0.04, 0.815), 1.0, "at the red cube", "close the gripper"),
+    ((0.0, 0.04, 0.815), 0.6, "holding the red cube", "lift the red cube"),   # closed on it: the experts lift
+    ((0.0, 0.04, 0.815), 0.75, "closing on the red cube", "close the gripper"),
+    ((0.0, 0.2, 0.9), 0.1, "the gripper is closed and empty", "open the gripper"),
+])
+def test_privileged_situation_and_plan_follow_the_current_state_only(xyz, opening, situation, plan):
+    r = privileged_rationale(state(xyz, opening), CUBE)
+    assert (r.situation_analysis, r.task_planning) == (situation, plan)
 
 
 def test_privileged_is_deterministic_and_short():
     rng = np.random.default_rng(1)
-    stack = objects_json(("green_cube", "target", (0.1, -0.1, 0.83)), ("yellow_cube", "goal", (0.0, 0.1, 0.83)),
-                         ("towel", "other", (0.2, 0.2, 0.80)))
-    lengths = {"lift": [], "stack": []}
-    for _ in range(20):
-        for phase in ["approach", "descend", "grasp", "lift", "move", "place", "release", "", "retreat"]:
-            s = state(rng.uniform([-0.2, -0.2, 0.8], [0.2, 0.2, 1.1]), float(rng.random()))
-            for task, objs in (("lift", CUBE), ("stack", stack)):
-                a, b = (render_rationale(privileged_rationale(s, objs, phase)) for _ in range(2))
-                assert a == b
-                lengths[task].append(len(a.split()))
-    # random offsets (mostly on three axes, the worst case): one object stays within the 25-45 word budget,
-    # two objects with two-word names go a little over it
-    assert 25 <= min(lengths["lift"]) and max(lengths["lift"]) <= 45 and max(lengths["stack"]) <= 52, lengths
+    two = objects_json(("red_cube", "target", (0.1, -0.1, 0.83)), ("green_cube", "other", (0.0, 0.1, 0.83)))
+    lengths = []
+    for _ in range(200):
+        s = state(rng.uniform([-0.2, -0.2, 0.8], [0.2, 0.2, 1.1]), float(rng.random()))
+        for objs in (CUBE, two):
+            a, b = (render_rationale(privileged_rationale(s, objs)) for _ in range(2))
+            assert a == b
+            lengths.append(len(a.split()))
+    assert 25 <= min(lengths) and max(lengths) <= 45, (min(lengths), max(lengths))  # words, labels included
 
 
 def test_privileged_without_objects_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="'objects'.*teacher='http'"):
-        privileged_rationale(state(), "[]", "approach")
+        privileged_rationale(state(), "[]")
     with pytest.raises(ValueError, match="'objects'"):
         annotate(make_demos(objects="[]"), AnnotateConfig(), tmp_path / "out")
     with pytest.raises(ValueError, match="objects"):
