@@ -335,7 +335,7 @@ def frame_attention(model, tok, image, instruction: str, state, cfg: AttentionCo
     n_image = num_image_tokens(model)
     vec, mass = image_attention(att, queries, n_image, cfg.layer, cfg.aggregation, cfg.residual)
     return dict(map=to_grid(vec), image_mass=mass, n_queries=len(queries),
-                rationale=tok.decode_text(rationale_ids), action=tok.ids_to_action(action_ids),
+                rationale=tok.decode_text(rationale_ids), action=tok.ids_to_actions(action_ids)[0],
                 action_ids=action_ids)
 
 
@@ -343,8 +343,8 @@ def action_errors(tok, action_ids, expert_action, prefix: str = "") -> dict:
     """How far a decoded action is from the expert's, in bins: the mean |bin difference| over the six arm
     dimensions, and whether the gripper command agrees (open vs close)."""
     expert = np.asarray(expert_action, np.float32)
-    diff = np.abs(tok.ids_to_bins(action_ids)[:6] - tok.ids_to_bins(tok.action_to_ids(expert))[:6])
-    gripper = tok.ids_to_action(list(action_ids))[6] > 0.5
+    diff = np.abs(tok.ids_to_bins(action_ids)[:6] - tok.ids_to_bins(tok.action_to_ids(expert))[:6])  # first action
+    gripper = tok.ids_to_actions(list(action_ids))[0, 6] > 0.5  # the first action of a chunk
     return {f"{prefix}arm_bin_error": float(diff.mean()),
             f"{prefix}gripper_agrees": bool(gripper == (float(expert_action[6]) > 0.5))}
 

@@ -26,8 +26,12 @@ class DataConfig:
     """Where the demonstrations come from and how many."""
 
     source: str = "robosuite"        # robosuite | a LeRobot dataset id or local path (paper scale)
-    tasks: list[str] = field(default_factory=lambda: ["lift", "stack", "pick_place_can"])
+    tasks: list[str] = field(default_factory=lambda: ["pick_cube"])  # the fine-tuning (target) set
     episodes_per_task: int = 30
+    #: the pre-training mixture (robosuite only), {task: episodes}: the role Open X-Embodiment plays for the paper's
+    #: base; its own seeds (data.PRETRAIN_SEED_OFFSET), so no pre-training episode is a fine-tuning one
+    pretrain_mix: dict = field(default_factory=lambda: {"pick_cube": 120, "lift": 40, "stack": 20})
+    heldout_every: int = 10          # every 10th fine-tuning episode is held out of training (held-out loss)
     image_size: int = 64
     seed: int = 0                    # data seeds are seed*1000 + i: disjoint from the evaluation seeds
     workers: int = 2
@@ -35,7 +39,41 @@ class DataConfig:
     episodes: str = "0:10"          # episode range "a:b" or a count "n" of a seeded sample
     stride: int = 1                  # keep every k-th frame
     revision: str = "main"
-    camera: str = ""                 # "" = the dataset's default camera
+    camera: str = ""                 # "" = the source's default camera (robosuite: the wrist camera)
+
+
+@dataclass
+class StudyConfig:
+    """Which arms are trained and evaluated, and on how many fine-tuning seeds.
+
+    The main arms (baseline, refinevla) are fine-tuned once per seed in ``seeds``; each extra arm in ``arms`` is the
+    ``from`` arm's config with a few keys changed, fine-tuned on the first ``arm_seeds`` seeds. The same seed gives
+    every arm the same adapter initialisation and the same data order (train.finetune)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    #: name -> {"from": baseline | refinevla, key: value, ...}; keys are fields of the training config, or
+    #: "model.<field>" (e.g. model.tune_top_k_layers)
+    arms: dict = field(default_factory=lambda: {
+        "dropout": {"from": "refinevla", "rationale_dropout": 0.5},    # ECoT-Lite: reasoning dropout, act directly
+        "after": {"from": "refinevla", "rationale_position": "after"},  # ECoT-Lite: rationale after the action
+    })
+    arm_seeds: int = 1               # seeds of each extra arm (the first ones of `seeds`)
+    base: bool = True                # evaluate the pre-trained base without fine-tuning (the first row)
+    oracle: bool = True              # evaluate ReFineVLA acting on the teacher's rationale (robosuite only)
+    #: fine-tunes run side by side, one per process with one torch thread each (0 = auto: one per core on a CPU,
+    #: one at a time on a GPU or under `accelerate launch`)
+    parallel_finetunes: int = 0
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds={self.seeds}: give one or more distinct fine-tuning seeds")
+        if not 0 <= self.arm_seeds <= len(self.seeds):
+            raise ValueError(f"study.arm_seeds={self.arm_seeds} must be in 0..{len(self.seeds)} (len(study.seeds))")
+        for name, spec in self.arms.items():
+            if name in ("baseline", "refinevla", "base", "oracle", "pretrain"):
+                raise ValueError(f"study.arms: {name!r} is a reserved arm name")
+            if not isinstance(spec, dict) or spec.get("from", "refinevla") not in ("baseline", "refinevla"):
+                raise ValueError(f"study.arms.{name}: needs a mapping with from: baseline | refinevla, got {spec!r}")
 
 
 def _stage_defaults():
@@ -63,6 +101,7 @@ class RunConfig:
         variant="refinevla", use_rationale=True, lambda_reason=0.5))
     evaluate: object = None
     attention: object = None
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self):
         annotate_cls, evaluate_cls, attention_cls = _stage_defaults()
@@ -86,7 +125,7 @@ class RunConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "evaluate", "attention")
+SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "evaluate", "attention", "study")
 #: Short names for the keys readers change most (also the notebook parameters).
 ALIASES = {
     "lambda_reason": "refinevla.lambda_reason",
@@ -102,7 +141,10 @@ ALIASES = {
     "episodes_per_task": "evaluate.episodes_per_task",
     "tasks": ["data.tasks", "evaluate.tasks"],
     "image_size": ["data.image_size", "evaluate.image_size"],
-    "seed": ["data.seed", "pretrain.seed", "baseline.seed", "refinevla.seed"],
+    "seed": ["data.seed", "pretrain.seed"],
+    "seeds": "study.seeds",
+    "action_chunk": "model.action_chunk",
+    "eval_splits": "evaluate.splits",
     "gradient_checkpointing": ["pretrain.gradient_checkpointing", "baseline.gradient_checkpointing",
                                "refinevla.gradient_checkpointing"],
     "teacher": "annotate.teacher",
@@ -172,6 +214,13 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
             if hasattr(stage, check):
                 getattr(stage, check)()
     return cfg
+
+
+def model_sizes() -> list[str]:
+    """The tiny-scale size presets (refinevla.model.SIZES)."""
+    from .model import SIZES
+
+    return sorted(SIZES)
 
 
 def list_presets() -> list[str]:

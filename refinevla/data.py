@@ -18,33 +18,45 @@ from .schema import require_columns
 
 EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "objects")
 
+#: Episode seed ranges, fixed before any training and disjoint by construction (tests/test_splits.py checks them):
+#:   fine-tuning demos [seed*1000, seed*1000 + n) for data seeds 0..9          ->      0 ..  9_999
+#:   evaluation, in-distribution scenes (evaluate.base_seed)                  -> 10_000 .. 19_999
+#:   evaluation, variant scenes (evaluate.variant_base_seed)                  -> 20_000 .. 29_999
+#:   pre-training demos 30_000 + [seed*1000, seed*1000 + n)                   -> 30_000 .. 39_999
+PRETRAIN_SEED_OFFSET = 30_000
+MAX_DATA_SEED = 9
 
-def data_seeds(seed: int, n: int) -> list[int]:
-    """Seeds of the demonstrations: [seed*1000, seed*1000 + n). Evaluation seeds start at 10_000."""
+
+def data_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
+    """Seeds of the demonstrations: offset + [seed*1000, seed*1000 + n) (offset 0: the fine-tuning set,
+    PRETRAIN_SEED_OFFSET: the pre-training mixture). Evaluation seeds start at 10_000 (see the table above)."""
     if n > 1000:
         raise ValueError(f"data.episodes_per_task={n}: at most 1000 per data seed")
-    return [seed * 1000 + i for i in range(n)]
+    if not 0 <= seed <= MAX_DATA_SEED:
+        raise ValueError(f"data.seed={seed}: must be in 0..{MAX_DATA_SEED} (seeds 10_000 and up are evaluation seeds)")
+    return [offset + seed * 1000 + i for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------- one episode
 _TASK_CACHE: dict = {}
 
 
-def _sim_task(task: str, image_size: int):
-    """One robosuite env per (task, size) per worker process: creating it costs more than an episode."""
+def _sim_task(task: str, image_size: int, camera: str = "", masks: bool = True):
+    """One robosuite env per (task, size, camera, masks) per worker process: creating it costs more than an episode."""
     from .sim import make_task
 
-    key = (task, image_size)
+    key = (task, image_size, camera, masks)
     if key not in _TASK_CACHE:
-        _TASK_CACHE[key] = make_task(task, image_size=image_size, segmentation=True)
+        _TASK_CACHE[key] = make_task(task, image_size=image_size, segmentation=masks, camera=camera)
     return _TASK_CACHE[key]
 
 
-def record_episode(task: str, seed: int, image_size: int) -> tuple[dict, bool]:
-    """Run the scripted expert once; every frame with the action taken on it and the expert's phase."""
+def record_episode(task: str, seed: int, image_size: int, camera: str = "", masks: bool = True) -> tuple[dict, bool]:
+    """Run the scripted expert once; every frame with the action taken on it and the expert's phase.
+    ``masks``: also render the target's segmentation mask per frame (the attention stage reads it)."""
     from .experts import make_expert
 
-    sim = _sim_task(task, image_size)
+    sim = _sim_task(task, image_size, camera, masks)
     expert = make_expert(task, seed=seed)
     obs = sim.reset(seed)
     expert.reset(obs["instruction"])
@@ -53,7 +65,7 @@ def record_episode(task: str, seed: int, image_size: int) -> tuple[dict, bool]:
     for _ in range(sim.max_steps):
         action = expert.act(obs)
         frames["images"].append(obs["image"])
-        frames["target_masks"].append(obs["target_mask"])
+        frames["target_masks"].append(obs["target_mask"] if masks else np.zeros((1, 1), np.uint8))
         frames["states"].append(obs["state"])
         frames["actions"].append(np.asarray(action, np.float32))
         frames["phases"].append(expert.phase)
@@ -78,17 +90,19 @@ def _write_npz(path: Path, arrays: dict) -> None:
 
 def _demo_job(job: tuple) -> dict:
     """Worker entry: record one episode and save it; returns its summary line."""
-    task, seed, image_size, path = job
+    task, seed, image_size, path, camera, masks = job
     t0 = time.time()
-    arrays, success = record_episode(task, seed, image_size)
+    arrays, success = record_episode(task, seed, image_size, camera, masks)
     arrays["success"] = np.asarray(success)
     _write_npz(Path(path), arrays)
     return dict(task=task, seed=seed, success=bool(success), steps=len(arrays["actions"]), wall_s=time.time() - t0)
 
 
 # ------------------------------------------------------------------------------------------ the stage
-def generate_demos(cfg, out_dir: str | Path):
-    """Record ``cfg.episodes_per_task`` expert episodes per task with ``cfg.workers`` processes; resumable.
+def generate_demos(cfg, out_dir: str | Path, pretrain: bool = False):
+    """Record expert episodes with ``cfg.workers`` processes; resumable. The fine-tuning set: ``cfg.episodes_per_task``
+    per task of ``cfg.tasks``, with target masks; ``pretrain``: the pre-training mixture ``cfg.pretrain_mix``
+    ({task: episodes}) on its own seeds, without masks.
 
     Returns the assembled ``datasets.Dataset`` (also saved to out_dir/dataset) and writes stats.json.
     """
@@ -97,8 +111,10 @@ def generate_demos(cfg, out_dir: str | Path):
     out_dir = Path(out_dir)
     episodes_dir = out_dir / "episodes"
     episodes_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(task, seed, cfg.image_size, str(_episode_path(episodes_dir, task, seed)))
-            for task in cfg.tasks for seed in data_seeds(cfg.seed, cfg.episodes_per_task)]
+    counts = dict(cfg.pretrain_mix) if pretrain else {task: cfg.episodes_per_task for task in cfg.tasks}
+    offset = PRETRAIN_SEED_OFFSET if pretrain else 0
+    jobs = [(task, seed, cfg.image_size, str(_episode_path(episodes_dir, task, seed)), cfg.camera, not pretrain)
+            for task, n in counts.items() for seed in data_seeds(cfg.seed, n, offset)]
     todo = [j for j in jobs if not Path(j[3]).exists()]
     print(f"{len(jobs)} episodes ({len(jobs) - len(todo)} already recorded), {cfg.workers} worker(s)")
     if todo:
@@ -139,7 +155,7 @@ def assemble(jobs: list[tuple]):
 
     per_task: dict = {}
     kept = []
-    for task, seed, _, path in jobs:
+    for task, seed, _, path, *_ in jobs:
         ep = _load_episode(path)
         s = per_task.setdefault(task, dict(episodes=0, successes=0, frames=0))
         s["episodes"] += 1

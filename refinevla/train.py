@@ -1,10 +1,15 @@
 """Fine-tuning: sequences, the joint loss L = L_action + lambda * L_reasoning, the loop, checkpoints, resume.
 
-Sequence layout (one row = one frame):
+Sequence layout (one row = one frame; k = the tokenizer's action chunk):
 
-    [<image> x N][<bos> instruction state-bins <sep>] | [rationale tokens] ACTION: [7 action bins]
+    [<image> x N][<bos> instruction state-bins <sep>] | [rationale tokens] ACTION: [7k action bins]
     token_type_ids: 0 ...............................  | 1 ......................................
     part:           PREFIX (no loss)                  | REASON ..................... | ACTION ...
+
+``rationale_position: after`` (ECoT-Lite's reasoning after the action) writes ``ACTION: [7k bins] [rationale]``:
+the actions cannot attend to the rationale, which only shapes the representation; ``rationale_dropout: p``
+(ECoT-Lite's reasoning dropout) trains each sample without its rationale with probability p, so the policy can
+act without writing one.
 
 token_type_ids = 1 on every target token is what makes PaliGemma's prefix-LM mask causal over the targets
 (with zeros there, each target sees the ones after it and training collapses: shared/README.md).
@@ -18,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .model import num_image_tokens
-from .schema import require_columns
+from .schema import RATIONALE_PARTS, require_columns
 from .tokens import VLATokenizer
 
 PREFIX, REASON, ACTION = 0, 1, 2
@@ -52,43 +57,98 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    threads: int = 2                  # CPU threads for torch
+    threads: int = 0                  # CPU threads for torch; 0 = auto: one per core but one (resolve_threads)
     max_rationale_tokens: int = 96    # rationales are cut to this many tokens
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (paper scale)
+    rationale_position: str = "before"    # before: reason, then act (ReFineVLA); after: act, then reason (ECoT-Lite)
+    rationale_dropout: float = 0.0        # share of samples trained without their rationale (ECoT-Lite dropout)
+    rationale_parts: list[str] = field(default_factory=lambda: list(RATIONALE_PARTS))  # parts kept (ablation)
+    eval_every: int = 0                   # held-out loss every N steps (0: four times per run) and at the end
+    eval_batches: int = 0                 # held-out batches per evaluation (0: the whole held-out set)
+    #: fine-tunes: compute the frozen part (vision tower, layers below the top K) once per frame and train the top K
+    #: layers on the cached hidden states (refinevla.frozen; exact). False: the whole model at every step
+    cache_frozen: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         if self.lambda_reason < 0:
             raise ValueError(f"train.lambda_reason={self.lambda_reason} must be >= 0")
+        if self.rationale_position not in ("before", "after"):
+            raise ValueError(f"train.rationale_position={self.rationale_position!r}; expected before or after")
+        if not 0.0 <= self.rationale_dropout <= 1.0:
+            raise ValueError(f"train.rationale_dropout={self.rationale_dropout} must be in [0, 1]")
+        unknown = [p for p in self.rationale_parts if p not in RATIONALE_PARTS]
+        if unknown or not self.rationale_parts:
+            raise ValueError(f"train.rationale_parts={self.rationale_parts}: choose among {list(RATIONALE_PARTS)}")
+
+    @property
+    def reasons_at_inference(self) -> bool:
+        """Whether the trained policy writes its rationale before acting (else it acts directly)."""
+        return self.use_rationale and self.rationale_position == "before" and self.rationale_dropout == 0.0
 
 
 # ------------------------------------------------------------------------------------ sequences
 def build_sequence(tok: VLATokenizer, instruction: str, state, action, n_image: int,
-                   rationale: str | None = None, max_rationale_tokens: int = 96):
-    """(input_ids, token_type_ids, part) for one frame; part marks which loss a *target* token feeds."""
+                   rationale: str | None = None, max_rationale_tokens: int = 96, position: str = "before"):
+    """(input_ids, token_type_ids, part) for one frame; part marks which loss a *target* token feeds.
+    ``action``: float[7] or the chunk float[k, 7] (k = the tokenizer's action_chunk)."""
     prompt = tok.prompt_ids(instruction, np.asarray(state), n_image)
     reason = tok.text_ids(rationale)[:max_rationale_tokens] if rationale else []
-    target = reason + [tok.marker_id] + tok.action_to_ids(np.asarray(action))
-    ids = prompt + target
-    token_type = [0] * len(prompt) + [1] * len(target)
-    marker_part = REASON if reason else PREFIX  # the baseline's marker is always forced: no loss on it
-    part = [PREFIX] * len(prompt) + [REASON] * len(reason) + [marker_part] + [ACTION] * 7
-    return ids, token_type, part
+    actions = tok.action_to_ids(np.asarray(action))
+    if position == "after":  # ACTION: bins, then the rationale: the marker is forced (no loss), as in the baseline
+        target = [tok.marker_id] + actions + reason
+        part = [PREFIX] * len(prompt) + [PREFIX] + [ACTION] * len(actions) + [REASON] * len(reason)
+    else:
+        target = reason + [tok.marker_id] + actions
+        marker_part = REASON if reason else PREFIX  # the baseline's marker is always forced: no loss on it
+        part = [PREFIX] * len(prompt) + [REASON] * len(reason) + [marker_part] + [ACTION] * len(actions)
+    return prompt + target, [0] * len(prompt) + [1] * len(target), part
+
+
+def action_chunks(ds, chunk: int) -> np.ndarray:
+    """float32[rows, chunk, 7]: each frame's action and the next chunk - 1 of its episode (the last action repeated
+    past the episode's end). Rows must be in episode, step order, as every stage writes them."""
+    actions = np.asarray(ds["action"], np.float32)
+    episodes = np.asarray(ds["episode_index"])
+    out = np.empty((len(actions), chunk, actions.shape[1]), np.float32)
+    for i in range(len(actions)):
+        for j in range(chunk):
+            k = i + j if i + j < len(actions) and episodes[i + j] == episodes[i] else None
+            out[i, j] = actions[k] if k is not None else out[i, j - 1]
+    return out
+
+
+def rationale_texts(ds, parts=RATIONALE_PARTS) -> list[str]:
+    """The rationale of every row as training text; only ``parts`` of the four when fewer are asked for."""
+    if tuple(parts) == tuple(RATIONALE_PARTS):
+        return list(ds["rationale_text"])
+    from .teacher import render_rationale
+
+    return [render_rationale(r, parts) for r in ds["rationale"]]
 
 
 def encode_dataset(ds, tok: VLATokenizer, n_image: int, use_rationale: bool, max_rationale_tokens: int = 96,
-                   desc: str = "encode"):
-    """Tokenise every row into padded arrays held in memory (the tiny datasets fit easily)."""
-    needed = ("instruction", "state", "action", "image") + (("rationale_text",) if use_rationale else ())
+                   desc: str = "encode", position: str = "before", parts=RATIONALE_PARTS, with_dropped: bool = False):
+    """Tokenise every row into padded arrays held in memory (the tiny datasets fit easily).
+
+    ``with_dropped``: append a second copy of every row without its rationale (rows n..2n-1), for reasoning
+    dropout; ``n_rows`` in the result is the number of frames either way."""
+    needed = ("episode_index", "instruction", "state", "action", "image") + (("rationale_text",) if use_rationale else ())
     require_columns(ds.column_names, needed, where="training dataset")
+    chunks = action_chunks(ds, tok.action_chunk)
+    texts = rationale_texts(ds, parts) if use_rationale else [None] * len(ds)
     seqs, images = [], []
-    for row in tqdm(ds, desc=desc, leave=False):
-        rationale = row["rationale_text"] if use_rationale else None
-        seqs.append(build_sequence(tok, row["instruction"], row["state"], row["action"], n_image,
-                                   rationale, max_rationale_tokens))
+    for i, row in enumerate(tqdm(ds.select_columns(["instruction", "state", "image"]), desc=desc, leave=False)):
+        seqs.append(build_sequence(tok, row["instruction"], row["state"], chunks[i], n_image,
+                                   texts[i], max_rationale_tokens, position))
         images.append(np.asarray(row["image"].convert("RGB") if hasattr(row["image"], "convert") else row["image"],
                                  np.uint8))
+    n_rows = len(seqs)
+    if with_dropped:
+        for i, row in enumerate(ds.select_columns(["instruction", "state"])):
+            seqs.append(build_sequence(tok, row["instruction"], row["state"], chunks[i], n_image, None))
+        images = images + images
     length = max(len(s[0]) for s in seqs)
     n = len(seqs)
     input_ids = np.full((n, length), tok.pad_id, np.int64)
@@ -98,7 +158,19 @@ def encode_dataset(ds, tok: VLATokenizer, n_image: int, use_rationale: bool, max
     for i, (ids, tt, pt) in enumerate(seqs):
         input_ids[i, :len(ids)], token_type[i, :len(ids)], part[i, :len(ids)], attention[i, :len(ids)] = ids, tt, pt, 1
     return dict(input_ids=input_ids, token_type_ids=token_type, part=part, attention_mask=attention,
-                images=np.stack(images))
+                images=np.stack(images), n_rows=n_rows)
+
+
+def resolve_threads(threads: int = 0) -> int:
+    """Torch intra-op threads: ``threads`` when given, else one per core but one (at least 1).
+
+    Every intra-op thread must finish its share before an operation returns, so a thread whose core is taken by
+    another busy process (a browser, a simulator, a test run) stalls all of them: on 2 cores, 2 threads ran a
+    pre-training step ~10x slower with one competing process, 1 thread ~1x (benchmarks/results/threads.json).
+    Leaving one core free costs a little on an idle machine and keeps training fast on a busy one."""
+    import os
+
+    return threads if threads > 0 else max(1, (os.cpu_count() or 1) - 1)
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -122,12 +194,47 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def batch_indices(step: int, n_rows: int, batch_size: int, seed: int) -> np.ndarray:
-    """Rows of micro-batch ``step``: a fresh seeded permutation per epoch, so the data position is the step."""
+def batch_indices(step: int, n_rows: int, batch_size: int, seed: int, dropout: float = 0.0) -> np.ndarray:
+    """Rows of micro-batch ``step``: a fresh seeded permutation per epoch, so the data position is the step.
+    ``dropout``: each row is replaced, with this probability, by its copy without rationale (row + n_rows; see
+    encode_dataset's with_dropped), drawn from the same seed and step: every variant sees the same frames."""
     per_epoch = max(1, n_rows // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    idx = perm[k * batch_size:(k + 1) * batch_size]
+    if dropout > 0:
+        idx = np.where(np.random.default_rng([seed, epoch, k, 1]).random(len(idx)) < dropout, idx + n_rows, idx)
+    return idx
+
+
+@torch.no_grad()
+def heldout_loss(model, data: dict, batch_size: int, device, max_batches: int = 0, size: int | None = None) -> dict:
+    """Teacher-forced losses on held-out frames, averaged over every token of the held-out set (not one batch):
+    {"heldout_l_action", "heldout_l_reason"} (the latter only when the sequences hold rationales)."""
+    size = size or model.config.vision_config.image_size
+    sums, counts = np.zeros(2), np.zeros(2)
+    was_training = model.training
+    model.eval()
+    n = data["n_rows"]
+    starts = range(0, n, batch_size)
+    for b, start in enumerate(starts):
+        if max_batches and b >= max_batches:
+            break
+        batch = to_batch(data, np.arange(start, min(n, start + batch_size)), size, device)
+        part = batch.pop("part")
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        targets, target_part = batch["input_ids"][:, 1:], part[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        ce = ce.view_as(targets)
+        for j, kind in enumerate((ACTION, REASON)):
+            mask = target_part == kind
+            sums[j] += float((ce * mask).sum())
+            counts[j] += float(mask.sum())
+    model.train(was_training)
+    out = {"heldout_l_action": sums[0] / max(counts[0], 1)}
+    if counts[1]:
+        out["heldout_l_reason"] = sums[1] / counts[1]
+    return out
 
 
 def to_batch(data: dict, idx: np.ndarray, image_size: int, device) -> dict:
@@ -195,8 +302,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: int | None = None) -> dict:
+def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: int | None = None,
+               heldout: dict | None = None, cache_frozen: bool = False) -> dict:
     """Train the model's trainable parameters on ``data`` (from encode_dataset), resuming from out_dir.
+    ``heldout`` (encoded the same way): its averaged loss is logged every ``eval_every`` steps and at the end.
+    ``cache_frozen`` (fine-tunes): the hidden states entering the first trainable layer are computed once per row
+    (refinevla.frozen.build_cache) and each step runs only the trainable top of the model on them.
 
     Runs under Hugging Face Accelerate: one CPU process here, every GPU under ``accelerate launch`` (each
     process takes its own micro-batches; the main process logs and checkpoints). Writes metrics.jsonl
@@ -207,7 +318,7 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
@@ -217,11 +328,23 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_root = out_dir / "ckpt"
     start = load_checkpoint(ckpt_root, model, optimizer)
+    metrics_path = out_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        _truncate_metrics(metrics_path, start)  # steps logged after the checkpoint we resume from run again
     unwrapped = model
     model, optimizer = acc.prepare(model, optimizer)
-    n_rows = len(data["input_ids"])
+    n_rows = data.get("n_rows", len(data["input_ids"]))
+    dropout = cfg.rationale_dropout if len(data["input_ids"]) == 2 * n_rows else 0.0
+    eval_every = cfg.eval_every or max(1, cfg.steps // 4)
     model.train()
+    cache = None
+    if cache_frozen:
+        from . import frozen
+
+        with acc.autocast():  # the precision of the training forward (bf16 on a GPU)
+            cache = frozen.build_cache(unwrapped, data, batch_size=cfg.batch_size)
     last, t0, seen = {}, time.time(), 0
+    interval, interval_steps = np.zeros(3), 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.variant}",
                disable=not acc.is_main_process)
 
@@ -229,16 +352,22 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
         raise FloatingPointError(f"{what} at step {step}{detail}; stopped, the last good checkpoint in {ckpt_root} "
                                  "is kept. Lower train.lr or check the data statistics.")
 
-    with open(out_dir / "metrics.jsonl", "a") as log:
+    with open(metrics_path, "a") as log:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             sums = np.zeros(3)
             for micro in range(cfg.grad_accum):
-                idx = batch_indices((step * cfg.grad_accum + micro) * world + rank, n_rows, cfg.batch_size, cfg.seed)
-                batch = to_batch(data, idx, size, acc.device)
-                part = batch.pop("part")
-                logits = model(**batch, use_cache=False).logits  # no KV cache in training
+                idx = batch_indices((step * cfg.grad_accum + micro) * world + rank, n_rows, cfg.batch_size, cfg.seed,
+                                    dropout)
+                if cache is not None:
+                    batch = frozen.cached_batch(data, cache, idx, acc.device)
+                    part, hidden = batch.pop("part"), batch.pop("hidden_states")
+                    logits = frozen.upper_logits(model, hidden, batch)
+                else:
+                    batch = to_batch(data, idx, size, acc.device)
+                    part = batch.pop("part")
+                    logits = model(**batch, use_cache=False).logits  # no KV cache in training
                 losses = joint_loss(logits, batch["input_ids"], part, cfg.lambda_reason)
                 if not all(torch.isfinite(x) for x in losses):
                     stop("non-finite loss", step, f" (total={losses[0].item()}, L_action={losses[1].item()}, "
@@ -254,12 +383,18 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
             if not torch.stack([torch.isfinite(p).all() for p in params]).all():
                 stop("non-finite weights after the optimizer step", step)
             done = step + 1
-            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-                last = dict(step=done, loss=sums[0], l_action=sums[1], l_reason=sums[2],
+            interval, interval_steps = interval + sums, interval_steps + 1
+            evaluate_now = heldout is not None and (done % eval_every == 0 or done == cfg.steps)
+            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps or evaluate_now):
+                mean = interval / interval_steps  # averaged over the steps since the last line, not one batch
+                last = dict(step=done, loss=mean[0], l_action=mean[1], l_reason=mean[2],
                             lr=optimizer.param_groups[0]["lr"], samples_per_s=world * seen / (time.time() - t0))
+                if evaluate_now:
+                    last.update(heldout_loss(model, heldout, cfg.batch_size, acc.device, cfg.eval_batches, size))
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{sums[0]:.3f}", act=f"{sums[1]:.3f}")
+                bar.set_postfix(loss=f"{mean[0]:.3f}", act=f"{mean[1]:.3f}")
+                interval, interval_steps = np.zeros(3), 0
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
@@ -268,6 +403,20 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
                 break
     acc.wait_for_everyone()
     return last
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (the checkpoint a resumed run continues from)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by a kill
+    _atomic_write(path, "".join(k + "\n" for k in keep))
 
 
 def is_main_process() -> bool:
@@ -292,9 +441,10 @@ def config_dict(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------ stages
 def _stats_from(ds):
-    from .tokens import BinStats
+    from .tokens import ACTION_BINS, BinStats
 
-    return BinStats.fit(np.asarray(ds["action"], np.float32)), BinStats.fit(np.asarray(ds["state"], np.float32))
+    actions = BinStats.fit(np.asarray(ds["action"], np.float32), n_bins=ACTION_BINS, symmetric=range(6))
+    return actions, BinStats.fit(np.asarray(ds["state"], np.float32))
 
 
 def _texts_for_tokenizer(ds) -> list[str]:
@@ -316,17 +466,31 @@ def _save_model_dir(model, tok: VLATokenizer, out: Path, meta: dict) -> Path:
     return out
 
 
-def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path) -> Path:
+def split_heldout(ds, every: int):
+    """(training rows, held-out rows): every ``every``-th episode (episode_index % every == every - 1) is held out
+    of training and only scored (the held-out loss); every = 0 holds nothing out."""
+    if not every:
+        return ds, None
+    episodes = np.asarray(ds["episode_index"])
+    held = episodes % every == every - 1
+    if held.all() or not held.any():
+        return ds, None
+    return ds.select(np.flatnonzero(~held)), ds.select(np.flatnonzero(held))
+
+
+def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path, texts=(), heldout=None) -> Path:
     """Our stand-in for a pre-trained VLA: a tiny PaliGemma trained action-only from scratch on the demos.
 
-    Trains the tokenizer (instructions + rationales + bin tokens) first, so the fine-tunes share its vocabulary.
+    Trains the tokenizer first (the instructions of ``ds``, plus ``texts``: the fine-tuning set's instructions and
+    rationales, so the fine-tunes share its vocabulary). ``heldout``: frames whose action loss is logged.
     Returns out_dir/model (config.json, model.safetensors, tokenizer, vla_tokens.json, vla.json).
     """
     from .model import build_tiny_vla, enable_gradient_checkpointing, parameter_counts
 
     out_dir = Path(out_dir)
     action_stats, state_stats = _stats_from(ds)
-    tok = VLATokenizer.train_tiny(_texts_for_tokenizer(ds), action_stats, state_stats)
+    tok = VLATokenizer.train_tiny(list(dict.fromkeys(_texts_for_tokenizer(ds) + list(texts))), action_stats,
+                                  state_stats, action_chunk=model_cfg.action_chunk)
     model = build_tiny_vla(model_cfg.size, tok.vocab_size, tok.image_id, tok.pad_id, seed=cfg.seed,
                            attn_implementation=model_cfg.attn_implementation)
     if cfg.gradient_checkpointing:
@@ -334,40 +498,52 @@ def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path) -> Path:
     counts = parameter_counts(model)
     print(f"tiny VLA ({model_cfg.size}): {counts['total']:,} parameters, vocabulary {tok.vocab_size}")
     data = encode_dataset(ds, tok, num_image_tokens(model), use_rationale=False, desc="encode demos")
-    last = train_loop(model, data, cfg, out_dir)
+    held = None if heldout is None else encode_dataset(heldout, tok, num_image_tokens(model), use_rationale=False,
+                                                       desc="encode held-out")
+    last = train_loop(model, data, cfg, out_dir, heldout=held)
     if not is_main_process():
         return out_dir / "model"
-    meta = dict(kind="base", size=model_cfg.size, parameters=counts, final_metrics=last)
+    meta = dict(kind="base", size=model_cfg.size, parameters=counts, final_metrics=last,
+                action_chunk=tok.action_chunk)
     return _save_model_dir(model, tok, out_dir / "model", meta)
 
 
-def load_tokenizer_for(base: str | Path, ds=None) -> VLATokenizer:
+def load_tokenizer_for(base: str | Path, ds=None, action_chunk: int = 1) -> VLATokenizer:
     """Our tokenizer saved beside a base, or (real checkpoint) its own tokenizer with bins fit on ``ds``."""
     if (Path(base) / "vla_tokens.json").exists():
         return VLATokenizer.load(base)
     if ds is None:
         raise ValueError(f"{base} is not a refinevla base; statistics from a dataset are needed to wrap it")
-    return VLATokenizer.from_pretrained_checkpoint(str(base), *_stats_from(ds))
+    return VLATokenizer.from_pretrained_checkpoint(str(base), *_stats_from(ds), action_chunk=action_chunk)
 
 
-def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | Path) -> Path:
+def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | Path, heldout_every: int = 10) -> Path:
     """ReFineVLA's stage 2 (or its baseline): base in 4-bit, LoRA on the top K layers, the joint loss.
 
-    ``base`` is our pre-trained tiny base folder or a real PaliGemma checkpoint (path or hub id).
+    ``base`` is our pre-trained tiny base folder or a real PaliGemma checkpoint (path or hub id). Every
+    ``heldout_every``-th episode is held out of training and scored (split_heldout). ``cfg.seed`` is set before
+    anything random happens (adapter initialisation, data order, dropout draws), so two variants with the same
+    seed start from the same adapters and see the same frames in the same order, whatever ran before them.
     Returns out_dir/model: the LoRA adapter (safetensors), the tokenizer and vla.json naming the base.
     """
-    from .model import add_lora, load_base, parameter_counts
+    from .model import add_lora, load_base, parameter_counts, resize_embeddings
 
     out_dir = Path(out_dir)
-    tok = load_tokenizer_for(base, ds)
+    torch.manual_seed(cfg.seed)
+    ds, heldout = split_heldout(ds, heldout_every)
+    tok = load_tokenizer_for(base, ds, model_cfg.action_chunk)
     model = load_base(base, model_cfg.quantization, model_cfg.attn_implementation)
-    if tok.vocab_size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(tok.vocab_size)
-    data = encode_dataset(ds, tok, num_image_tokens(model), cfg.use_rationale, cfg.max_rationale_tokens,
-                          desc=f"encode {cfg.variant}")
-    # the policy head (tied to the embeddings) is trained on the rows of the target tokens: the paper updates
+    resize_embeddings(model, tok.vocab_size)
+    encode = dict(use_rationale=cfg.use_rationale, max_rationale_tokens=cfg.max_rationale_tokens,
+                  position=cfg.rationale_position, parts=cfg.rationale_parts)
+    data = encode_dataset(ds, tok, num_image_tokens(model), desc=f"encode {cfg.variant}",
+                          with_dropped=cfg.use_rationale and cfg.rationale_dropout > 0, **encode)
+    held = None if heldout is None else encode_dataset(heldout, tok, num_image_tokens(model), desc="encode held-out",
+                                                       **encode)
+    # the policy head (untied from the frozen input embeddings) is trained on the rows of the target tokens: the paper updates
     # "the upper layers and the policy head"; frozen rows of words the base never wrote cap L_reasoning
     head_ids = np.unique(np.concatenate([data["input_ids"][data["part"] != PREFIX], tok.action_ids, [tok.marker_id]]))
+    torch.manual_seed(cfg.seed)  # the adapters' initial values depend on this seed only
     model = add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist(),
                      gradient_checkpointing=cfg.gradient_checkpointing)
     counts = parameter_counts(model)
@@ -375,11 +551,13 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
           f"({counts['trainable_pct']:.2f}%), quantization={model_cfg.quantization}, "
           f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows"
           + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
-    last = train_loop(model, data, cfg, out_dir)
+    last = train_loop(model, data, cfg, out_dir, heldout=held, cache_frozen=cfg.cache_frozen)
     if not is_main_process():
         return out_dir / "model"
     base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if Path(base).exists() else str(base)
     meta = dict(kind="adapter", base=base_ref, quantization=model_cfg.quantization, variant=cfg.variant,
-                use_rationale=cfg.use_rationale, lambda_reason=cfg.lambda_reason,
+                use_rationale=cfg.use_rationale, lambda_reason=cfg.lambda_reason, seed=cfg.seed,
+                rationale_position=cfg.rationale_position, rationale_dropout=cfg.rationale_dropout,
+                reasons_at_inference=cfg.reasons_at_inference, action_chunk=tok.action_chunk,
                 tune_top_k_layers=model_cfg.tune_top_k_layers, parameters=counts, final_metrics=last)
     return _save_model_dir(model, tok, out_dir / "model", meta)

@@ -307,7 +307,7 @@ def test_open_loop_action_errors(tiny_models, tmp_path):
     exact = A.action_errors(tok, tok.action_to_ids(expert), expert)
     assert exact == {"arm_bin_error": 0.0, "gripper_agrees": True}
     off = tok.ids_to_bins(tok.action_to_ids(expert))
-    off[0] += 6
+    off[0] -= 6  # 0.8 sits near the top of the symmetric range
     off[6] = 0  # close instead of open
     moved = A.action_errors(tok, [int(tok.action_ids[b]) for b in off], expert, prefix="x_")
     assert moved == {"x_arm_bin_error": 1.0, "x_gripper_agrees": False}

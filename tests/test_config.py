@@ -7,9 +7,9 @@ from refinevla import config
 
 def test_presets_resolve_and_differ():
     smoke, default = config.resolve("smoke"), config.resolve("default")
-    assert smoke.model.size == "micro" and default.model.size == "tiny"
+    assert smoke.model.size == "micro" and default.model.size in config.model_sizes() and default.model.size != "micro"
     assert smoke.data.episodes_per_task < default.data.episodes_per_task
-    assert set(config.list_presets()) >= {"smoke", "default", "paper"}
+    assert set(config.list_presets()) >= {"smoke", "default", "study", "paper"}
 
 
 def test_paper_preset_names_a_real_checkpoint_and_http_teacher():

@@ -35,7 +35,7 @@ def test_lerobot_dataset_runs_through_data_annotate_and_finetune(tmp_path, monke
     assert all(t for t in annotated["rationale_text"])
     # the fine-tuning stages consume it unchanged (the tiny base is pre-trained on it first)
     models = pipeline.run_train(cfg)
-    assert (Path(models["refinevla"]) / "vla.json").exists()
+    assert (Path(models[("refinevla", 0)]) / "vla.json").exists()
     # a re-run is skipped by the stage markers and sends no request
     with ChatServer() as again:
         cfg.annotate.base_url = again.url

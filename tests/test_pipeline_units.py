@@ -53,18 +53,17 @@ def test_a_training_stage_resumes_only_its_own_checkpoints(tmp_path):
     assert not (out / "ckpt").exists() and (out / "_key").read_text() == "key-b"
 
 
-def test_the_teacher_rationale_oracle_is_a_third_evaluation_that_leaves_the_others_alone(tmp_path):
+def test_every_arm_is_evaluated_and_the_oracle_switch_leaves_the_others_alone(tmp_path):
     from refinevla.config import resolve
-    from refinevla.pipeline import ORACLE, evaluate_key, evaluated_variants
+    from refinevla.pipeline import BASE, ORACLE, evaluate_key, evaluated_units
 
-    off = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": False})
-    on = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": True})
-    assert evaluated_variants(off) == ("baseline", "refinevla")
-    assert evaluated_variants(on) == ("baseline", "refinevla", ORACLE)
-    for variant in ("baseline", "refinevla"):  # turning the oracle on re-runs nothing else
-        assert evaluate_key(on, variant) == evaluate_key(off, variant)
-    assert evaluate_key(on, ORACLE) != evaluate_key(on, "refinevla")
-    simpler = resolve("smoke", {"root": str(tmp_path), "evaluate.teacher_rationale": True,
-                                "evaluate.backend": "simpler"})
-    with pytest.raises(ValueError, match="robosuite backend"):
-        evaluated_variants(simpler)
+    off = resolve("smoke", {"root": str(tmp_path), "study.oracle": False})
+    on = resolve("smoke", {"root": str(tmp_path), "study.oracle": True})
+    assert evaluated_units(off) == [(BASE, -1), ("baseline", 0), ("baseline", 1), ("refinevla", 0),
+                                    ("refinevla", 1), ("dropout", 0), ("after", 0)]
+    assert evaluated_units(on) == evaluated_units(off) + [(ORACLE, 0)]
+    for arm, seed in evaluated_units(off):  # turning the oracle on re-runs nothing else
+        assert evaluate_key(on, arm, seed) == evaluate_key(off, arm, seed)
+    assert evaluate_key(on, ORACLE, 0) != evaluate_key(on, "refinevla", 0)
+    simpler = resolve("smoke", {"root": str(tmp_path), "study.oracle": True, "evaluate.backend": "simpler"})
+    assert ORACLE not in {arm for arm, _ in evaluated_units(simpler)}  # SimplerEnv gives no object poses
