@@ -15,15 +15,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention", "06_results"]
-#: Stage folders (under the run) each notebook reads: their markers are part of its skip key.
+#: Stage folders (under the run) each notebook reads: the markers of every stage under them are part of its skip key.
 NOTEBOOK_INPUTS = {
     "01_data": [],
     "02_annotate": ["demos"],
-    "03_finetune": ["annotate"],
-    "04_evaluate": ["train/baseline", "train/refinevla"],
-    "05_attention": ["train/baseline", "train/refinevla", "annotate"],
-    "06_results": ["demos", "annotate", "train/pretrain", "train/baseline", "train/refinevla",
-                   "evaluate/baseline", "evaluate/refinevla", "attention"],
+    "03_finetune": ["annotate", "demos_pretrain"],
+    "04_evaluate": ["train"],
+    "05_attention": ["train", "annotate"],
+    "06_results": ["demos", "demos_pretrain", "annotate", "train", "evaluate", "attention"],
 }
 #: Book pages around the notebooks, in reading order (None marks where the notebooks go).
 PAGES_BEFORE = ["book/intro", "book/method", "book/paper"]
@@ -50,8 +49,11 @@ def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = R
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(_package_hash().encode())
     for stage in NOTEBOOK_INPUTS[name]:
-        marker = run_dir / stage / "_done.json"
-        h.update(marker.read_bytes() if marker.exists() else b"missing")
+        markers = sorted((run_dir / stage).rglob("_done.json")) if (run_dir / stage).exists() else []
+        for marker in markers:
+            h.update(str(marker.relative_to(run_dir)).encode() + marker.read_bytes())
+        if not markers:
+            h.update(b"missing")
     return h.hexdigest()[:16]
 
 

@@ -20,9 +20,10 @@ def read_json(path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- data
-def demo_stats_table(run_dir) -> pd.DataFrame:
-    """Per task: expert episodes, successes, success rate, frames kept."""
-    stats = read_json(Path(run_dir) / "demos" / "stats.json")
+def demo_stats_table(run_dir, folder: str = "demos") -> pd.DataFrame:
+    """Per task: expert episodes, successes, success rate, frames kept (``folder``: demos = the fine-tuning set,
+    demos_pretrain = the pre-training mixture)."""
+    stats = read_json(Path(run_dir) / folder / "stats.json")
     if "tasks" not in stats:
         return pd.DataFrame([stats])
     return pd.DataFrame(stats["tasks"]).T.rename_axis("task")
@@ -44,6 +45,23 @@ def plot_frames(images, titles=None, ncols: int | None = None, size: float = 2.2
             ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def split_examples(ecfg, n: int = 3) -> tuple[list, list]:
+    """The first frame of the first ``n`` evaluation episodes of each split (robosuite), as the policy sees them."""
+    from .scenes import describe_split
+    from .sim import make_task
+
+    images, titles = [], []
+    for split in ecfg.splits:
+        env = make_task(ecfg.tasks[0], image_size=ecfg.image_size, segmentation=False, camera=ecfg.camera, split=split)
+        for seed in ecfg.seed_list(split)[:n]:
+            obs = env.reset(seed)
+            images.append(obs["image"])
+            titles.append(f"{split.replace('_', ' ')}, seed {seed}\n{obs['instruction']}")
+        env.close()
+        print(f"{split}: {describe_split(split)}")
+    return images, titles
 
 
 def first_frames_per_task(ds, column: str = "image") -> tuple[list, list]:
@@ -75,72 +93,161 @@ def plot_action_distributions(ds, max_rows: int = 5000):
 
 
 # ---------------------------------------------------------------------------------------- training
-def training_curves(run_dir, variants=("pretrain", "baseline", "refinevla")) -> pd.DataFrame:
+def _metric_dirs(run_dir) -> list[tuple[str, int, Path]]:
+    """(arm, seed, folder) of every training run with metrics: pretrain (seed -1), then train/<arm>/seed<k>."""
+    train = Path(run_dir) / "train"
+    found = [("pretrain", -1, train / "pretrain")] if (train / "pretrain" / "metrics.jsonl").exists() else []
+    for path in sorted(train.glob("*/seed*/metrics.jsonl")):
+        found.append((path.parent.parent.name, int(path.parent.name[len("seed"):]), path.parent))
+    return found
+
+
+def training_curves(run_dir) -> pd.DataFrame:
+    """Every training run's metrics.jsonl, with its arm and seed."""
     from .train import read_metrics
 
-    frames = []
-    for v in variants:
-        m = read_metrics(Path(run_dir) / "train" / v)
-        if len(m):
-            frames.append(m.assign(variant=v))
+    frames = [read_metrics(d).assign(arm=arm, seed=seed) for arm, seed, d in _metric_dirs(run_dir)]
+    frames = [f for f in frames if len(f)]
     if not frames:
-        raise FileNotFoundError(f"no metrics.jsonl under {run_dir}/train: run the fine-tune stage first")
+        raise FileNotFoundError(f"no metrics.jsonl under {run_dir}/train: run the training stage first")
     return pd.concat(frames, ignore_index=True)
 
 
 def plot_training_curves(curves: pd.DataFrame):
+    """Linear axes: the action loss of every fine-tune (one colour per arm, one line style per seed; markers at the
+    held-out losses), and the reasoning loss where rationales are in the target. Pre-training is drawn apart:
+    its scale and length differ, and the fine-tunes all start from its end."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for variant, g in curves.groupby("variant", sort=False):
-        axes[0].plot(g["step"], g["l_action"], label=variant)
-        if (g["l_reason"] > 0).any():
-            axes[1].plot(g["step"], g["l_reason"], label=variant)
-    axes[0].set(title="L_action (cross-entropy over the 7 action tokens)", xlabel="step", yscale="log")
-    axes[1].set(title="L_reasoning (cross-entropy over rationale tokens)", xlabel="step", yscale="log")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    styles = ["-", "--", ":", "-."]
+    colours = dict(zip(curves["arm"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for (arm, seed), g in curves.groupby(["arm", "seed"], sort=False):
+        ax = axes[0] if arm == "pretrain" else axes[1]
+        kw = dict(color=colours[arm], linestyle=styles[max(seed, 0) % len(styles)], lw=1.2,
+                  label=arm if seed <= 0 else f"{arm} (seed {seed})")
+        ax.plot(g["step"], g["l_action"], **kw)
+        if "heldout_l_action" in g:
+            h = g.dropna(subset=["heldout_l_action"])
+            ax.plot(h["step"], h["heldout_l_action"], "o", color=colours[arm], ms=4)
+        if arm != "pretrain" and (g["l_reason"] > 0).any():
+            axes[2].plot(g["step"], g["l_reason"], **kw)
+    axes[0].set(title="pre-training: L_action", xlabel="step", ylabel="cross-entropy")
+    axes[1].set(title="fine-tunes: L_action (dots: held-out)", xlabel="step")
+    axes[2].set(title="fine-tunes: L_reasoning", xlabel="step")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        if ax.has_data():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def model_summary(run_dir, variants=("pretrain", "baseline", "refinevla")) -> pd.DataFrame:
-    """Parameters, trainable share, quantisation and final losses of each trained model."""
+def model_summary(run_dir) -> pd.DataFrame:
+    """Per training run: parameters, trainable share, quantisation, what the target held, and the last losses
+    (training: averaged over the last logging interval; held-out: over every held-out frame)."""
     rows = []
-    for v in variants:
-        path = Path(run_dir) / "train" / v / "model" / "vla.json"
+    for arm, seed, d in _metric_dirs(run_dir):
+        path = d / "model" / "vla.json"
         if not path.exists():
             continue
         meta = read_json(path)
         p, m = meta.get("parameters", {}), meta.get("final_metrics", {})
-        rows.append(dict(model=v, parameters=p.get("total"), trainable=p.get("trainable"),
-                         trainable_pct=round(p.get("trainable_pct", 0), 2),
-                         quantization=meta.get("quantization", "none (fp32)"),
-                         lambda_reason=meta.get("lambda_reason", 0.0),
-                         final_l_action=m.get("l_action"), final_l_reason=m.get("l_reason"),
-                         steps=m.get("step")))
-    return pd.DataFrame(rows).set_index("model")
+        rows.append({"arm": arm, "seed": seed if seed >= 0 else "", "parameters": p.get("total"),
+                     "trainable": p.get("trainable"), "trainable %": round(p.get("trainable_pct", 0), 2),
+                     "quantization": meta.get("quantization", "none (fp32)"),
+                     "rationale": ("none" if not meta.get("use_rationale") else
+                                   f"{meta.get('rationale_position', 'before')}, dropout {meta.get('rationale_dropout', 0)}"),
+                     "lambda": meta.get("lambda_reason", 0.0), "steps": m.get("step"),
+                     "L_action": m.get("l_action"), "held-out L_action": m.get("heldout_l_action"),
+                     "held-out L_reasoning": m.get("heldout_l_reason")})
+    return pd.DataFrame(rows).set_index(["arm", "seed"])
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def plot_success(summaries: dict):
-    """Bars of success rate per task and model with Wilson 95% intervals ({model: evaluate.summarise frame})."""
+ARM_LABELS = {"base": "pre-trained base (no fine-tune)", "baseline": "baseline (lambda = 0)",
+              "refinevla": "ReFineVLA (rationale, then action)", "oracle": "ReFineVLA on the teacher's rationale",
+              "dropout": "reasoning dropout, acts directly", "after": "rationale after the action"}
+
+
+def plot_success(table: pd.DataFrame):
+    """Success rate of every arm on every split as points with Wilson 95% intervals (stats.success_table); an
+    interval stays visible at 0% and 100%."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    models = list(summaries)
-    tasks = list(next(iter(summaries.values())).index)
-    width = 0.8 / len(models)
-    for i, model in enumerate(models):
-        g = summaries[model].reindex(tasks)
-        x = np.arange(len(tasks)) + i * width
-        err = np.vstack([g["success_rate"] - g["ci_low"], g["ci_high"] - g["success_rate"]]).clip(min=0)
-        ax.bar(x, g["success_rate"], width, yerr=err, capsize=3, label=model)
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(models) - 1) / 2, tasks)
-    ax.set(ylim=(0, 1.05), ylabel="success rate", title="Closed-loop success (Wilson 95% intervals)")
+    arms, splits = list(dict.fromkeys(table["arm"])), list(dict.fromkeys(table["split"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(arms) + 2), 3.4))
+    for j, split in enumerate(splits):
+        g = table[table["split"] == split].set_index("arm").reindex(arms)
+        x = np.arange(len(arms)) + (j - (len(splits) - 1) / 2) * 0.25
+        err = np.vstack([g["rate"] - g["ci_low"], g["ci_high"] - g["rate"]]).clip(min=0)
+        ax.errorbar(x, g["rate"], yerr=err, fmt="o", capsize=4, label=split.replace("_", " "))
+        for xi, (k, n) in zip(x, zip(g["successes"], g["n"])):
+            if n == n:  # not NaN
+                ax.annotate(f"{int(k)}/{int(n)}", (xi, -0.02), ha="center", va="top", fontsize=7)
+    ax.set_xticks(np.arange(len(arms)), arms)
+    ax.set(ylim=(-0.12, 1.05), ylabel="success rate", title="Closed-loop success, Wilson 95% intervals")
+    ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def success_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The success table for reading: one row per arm, one column per split, "57% [42, 71] (29/50)"."""
+    cell = lambda r: f"{100 * r.rate:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}] ({r.successes}/{r.n})"
+    wide = table.assign(cell=[cell(r) for r in table.itertuples()]).pivot(index="arm", columns="split", values="cell")
+    wide = wide.reindex(list(dict.fromkeys(table["arm"])))
+    seeds = table.groupby("arm", sort=False)["train_seeds"].max()
+    wide.insert(0, "fine-tuning seeds", seeds.reindex(wide.index))
+    wide.index = [ARM_LABELS.get(a, a) for a in wide.index]
+    return wide.fillna("")
+
+
+def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons for reading: difference with its bootstrap interval, McNemar's p and the verdict."""
+    out = pd.DataFrame({
+        "arm": [ARM_LABELS.get(a, a) for a in paired["arm"]], "split": paired["split"].str.replace("_", " "),
+        "pairs": paired["n_pairs"],
+        "arm - baseline": [f"{100 * d:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+                           for d, lo, hi in zip(paired["diff"], paired["diff_low"], paired["diff_high"])],
+        "discordant (baseline only / arm only)": [f"{b} / {c}" for b, c in zip(paired["b"], paired["c"])],
+        "McNemar exact p": paired["p_value"].map(lambda p: f"{p:.3f}"), "verdict": paired["verdict"]})
+    return out.set_index(["arm", "split"])
+
+
+def conclusion(table: pd.DataFrame, paired: pd.DataFrame, competence: float = 0.6) -> str:
+    """The results in words, written from the numbers whichever way they go: whether the baseline is competent
+    (in distribution >= ``competence``; on the variant split between 15% and 85%), then each arm against it."""
+    rate = lambda arm, split: table[(table["arm"] == arm) & (table["split"] == split)]
+    lines = []
+    base_in, base_var = rate("baseline", "in_distribution"), rate("baseline", "variant")
+    if len(base_in):
+        r = base_in.iloc[0]
+        ok = r.rate >= competence
+        lines.append(f"The fine-tuned baseline succeeds in {100 * r.rate:.0f}% of in-distribution episodes "
+                     f"({r.successes}/{r.n}, 95% interval {100 * r.ci_low:.0f}-{100 * r.ci_high:.0f}%): "
+                     + ("competent, so a difference can show." if ok else
+                        f"below the {100 * competence:.0f}% bar this study sets, so differences between arms are "
+                        "not evidence about reasoning: read them as a diagnostic of this run only."))
+    if len(base_var):
+        r = base_var.iloc[0]
+        inside = 0.15 <= r.rate <= 0.85
+        lines.append(f"On the variant scenes it succeeds in {100 * r.rate:.0f}% ({r.successes}/{r.n}): "
+                     + ("room for a difference either way." if inside else
+                        "at a floor or ceiling, where a difference cannot show."))
+    for row in paired.itertuples():
+        what = ARM_LABELS.get(row.arm, row.arm)
+        where = row.split.replace("_", " ")
+        if row.verdict == "no resolvable difference":
+            lines.append(f"{what} vs baseline, {where}: {100 * row.diff:+.0f} points (95% interval "
+                         f"{100 * row.diff_low:+.0f} to {100 * row.diff_high:+.0f}, McNemar p = {row.p_value:.2f}): "
+                         "no difference this run can resolve.")
+        else:
+            lines.append(f"{what} vs baseline, {where}: {100 * row.diff:+.0f} points (95% interval "
+                         f"{100 * row.diff_low:+.0f} to {100 * row.diff_high:+.0f}, McNemar p = {row.p_value:.3f}): "
+                         f"{row.verdict} than the baseline on the same episodes.")
+    return "\n\n".join(f"- {x}" for x in lines)
 
 
 def paper_results() -> pd.DataFrame:
@@ -191,6 +298,10 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                 "harness overhead (CPU)": f"{r['overhead_cpu']:+.1%}"}})
             note = (f"Closed-loop harness vs a bare robosuite loop, {r['task']}, {r['episodes']} episodes x "
                     f"{r['repeats']} repeats at {r['image_size']} px; target overhead <= 10%. {when}.")
+        elif name == "threads":
+            table = pd.DataFrame(r["rows"]).set_index("setting")
+            note = (f"Pre-training step ({r['model']}) per torch thread setting, idle and beside one busy process "
+                    f"(normal priority and nice 19); target: contended / idle <= {r['target_ratio']}. {when}.")
         else:
             table = pd.json_normalize(r, sep=".").T.rename(columns={0: "value"})
             note = when

@@ -35,12 +35,17 @@ def built():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+UNITS = ["base", "baseline/seed0", "baseline/seed1", "refinevla/seed0", "refinevla/seed1", "dropout/seed0",
+         "after/seed0", "oracle/seed0"]
+
+
 def test_every_stage_wrote_well_formed_outputs(built):
     import datasets
 
     run_dir, _ = built
-    for stage in ["demos", "annotate", "train/pretrain", "train/baseline", "train/refinevla",
-                  "evaluate/baseline", "evaluate/refinevla", "evaluate/refinevla_teacher_rationale", "attention"]:
+    trained = ["pretrain"] + [u for u in UNITS if u not in ("base", "oracle/seed0")]
+    for stage in (["demos", "demos_pretrain", "annotate", "attention"] + [f"train/{t}" for t in trained]
+                  + [f"evaluate/{u}" for u in UNITS]):
         marker = json.loads((run_dir / stage / "_done.json").read_text())
         assert marker["hash"], stage
         assert (run_dir / stage / "config.yaml").exists(), stage
@@ -48,14 +53,18 @@ def test_every_stage_wrote_well_formed_outputs(built):
     annotated = datasets.load_from_disk(str(run_dir / "annotate" / "dataset"))
     assert len(annotated) == len(demos) > 0
     assert all(t.strip() for t in annotated["rationale_text"])
-    for variant in ["pretrain", "baseline", "refinevla"]:
-        meta = json.loads((run_dir / "train" / variant / "model" / "vla.json").read_text())
-        assert meta["final_metrics"]["l_action"] > 0
-    assert json.loads((run_dir / "train" / "refinevla" / "model" / "vla.json").read_text())["lambda_reason"] == 0.3
-    for variant in ["baseline", "refinevla", "refinevla_teacher_rationale"]:  # the smoke preset runs the oracle
-        lines = (run_dir / "evaluate" / variant / "episodes.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines]
-        assert len(records) == 2 and all(r["error"] is None for r in records), records
+    for t in trained:
+        meta = json.loads((run_dir / "train" / t / "model" / "vla.json").read_text())
+        assert meta["final_metrics"]["l_action"] > 0 and "heldout_l_action" in meta["final_metrics"], t
+    meta = json.loads((run_dir / "train" / "refinevla" / "seed1" / "model" / "vla.json").read_text())
+    assert meta["lambda_reason"] == 0.3 and meta["seed"] == 1 and meta["reasons_at_inference"]
+    for unit in UNITS:  # every arm on both splits, the same episode seeds
+        records = [json.loads(x) for x in (run_dir / "evaluate" / unit / "episodes.jsonl").read_text().splitlines()]
+        assert sorted((r["split"], r["seed"]) for r in records) == [
+            ("in_distribution", 10_000), ("in_distribution", 10_001), ("variant", 20_000), ("variant", 20_001)], unit
+        assert all(r["error"] is None for r in records), records
+    for table in ("records.csv", "success.csv", "paired.csv", "rationale_accuracy.csv"):
+        assert (run_dir / "evaluate" / table).stat().st_size > 50, table
     scores = (run_dir / "attention" / "scores.csv").read_text()
     assert "baseline" in scores and "refinevla" in scores
     assert (run_dir / "attention" / "overlays.png").stat().st_size > 1000
@@ -74,7 +83,7 @@ def test_book_has_results_table_and_attention_figure(built):
     html = run_dir / "book" / "_build" / "html"
     assert str(html / "index.html") in stdout
     results = (html / "data" / RUN / "notebooks" / "06_results.html").read_text()
-    assert "<table" in results and "refinevla" in results and "average" in results
+    assert "<table" in results and "ReFineVLA" in results and "variant" in results and "McNemar" in results
     attention = (html / "data" / RUN / "notebooks" / "05_attention.html").read_text()
     assert "<img" in attention
     assert "cdn.jsdelivr" not in (html / "book" / "method.html").read_text()
