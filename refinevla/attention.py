@@ -56,8 +56,8 @@ class AttentionConfig:
     min_mask_pixels: int = 1          # fewer visible target pixels = target occluded: score undefined
     overlay_frames: int = 4           # frames shown in overlays.png
     reasoning: bool | None = None     # None: reason when the model was trained with rationales (vla.json)
-    max_rationale_tokens: int = 96
-    threads: int = 2                  # CPU threads for torch
+    max_rationale_tokens: int = 64     # the teacher writes 30-45 words (~50 tokens)
+    threads: int = 0                  # CPU threads for torch (0 = auto: train.resolve_threads)
     open_loop: bool = True            # also score each decoded action against the expert's (frames.csv)
 
     def __post_init__(self):
@@ -509,7 +509,9 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     require_columns(dataset.column_names, ("task", "instruction", "image", "state"), where="attention dataset")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    from .train import resolve_threads
+
+    torch.set_num_threads(resolve_threads(cfg.threads))
 
     indices = select_frames(dataset, cfg.frames_per_task, cfg.seed, cfg.min_mask_pixels)
     rows = dataset.select(indices)

@@ -56,8 +56,10 @@ def rationale_accuracy(model_dir, frames, n: int = 40, seed: int = 0) -> pd.Data
     for i in sorted(int(i) for i in pick):
         row = frames[i]
         text, _ = policy.predict(np.asarray(row["image"]), row["instruction"], row["state"], reasoning=True)
-        mine, teacher = _parts(text), _parts(row["rationale_text"])
-        rec = {"frame": i, "model": text, "teacher": row["rationale_text"], "well_formed": mine["observation"] is not None}
+        # the teacher's text as the model's tokenizer writes it back (lower case, labels split): compared like for like
+        reference = policy.tok.decode_text(policy.tok.text_ids(row["rationale_text"]))
+        mine, teacher = _parts(text), _parts(reference)
+        rec = {"frame": i, "model": text, "teacher": reference, "well_formed": mine["observation"] is not None}
         rec.update({p: mine[p] is not None and mine[p] == teacher[p] for p in RATIONALE_PARTS})
         rec["all_parts"] = all(rec[p] for p in RATIONALE_PARTS)
         a, b = spatial_offset(mine["spatial_reasoning"]), spatial_offset(teacher["spatial_reasoning"])

@@ -326,7 +326,9 @@ def run_evaluate(cfg: RunConfig, units=None):
         if is_done(out, key):
             print(f"evaluate {arm} seed {seed}: up to date in {out}")
         else:
-            print(f"evaluate {arm} seed {seed}" + (" (writes its rationale before acting)" if reasoning else ""))
+            how = " (acts on the teacher's rationale)" if arm == ORACLE else \
+                " (writes its rationale before acting)" if reasoning else ""
+            print(f"evaluate {arm} seed {seed}{how}")
             start_stage(out, key, partial=("episodes.jsonl",))  # episodes of another model or config: deleted
             started = time.time()
             if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale for unseen frames?

@@ -200,7 +200,8 @@ def success_display(table: pd.DataFrame) -> pd.DataFrame:
     wide = wide.reindex(list(dict.fromkeys(table["arm"])))
     seeds = table.groupby("arm", sort=False)["train_seeds"].max()
     wide.insert(0, "fine-tuning seeds", seeds.reindex(wide.index))
-    wide.index = [ARM_LABELS.get(a, a) for a in wide.index]
+    wide.index = pd.Index([ARM_LABELS.get(a, a) for a in wide.index], name="arm")
+    wide.columns.name = None
     return wide.fillna("")
 
 

@@ -43,6 +43,8 @@ class TaskSpec:
     #: "sides": the first two objects on opposite sides of the table centre (y = +-6 cm, +-2 cm of jitter in x and
     #: y), which one on the left drawn from the seed; "" = the environment's own placement
     layout: str = ""
+    #: plain names of the task's objects (robosuite name -> words the instruction and the teacher use)
+    names: tuple = ()
 
     def choice(self, seed: int) -> tuple[str, str]:
         """(target object, instruction) of the episode with this seed."""
@@ -52,14 +54,15 @@ class TaskSpec:
 #: Horizons are about 2-4x the scripted expert's episode length (lift ~30, stack ~60, pick_place_can ~120 steps),
 #: room for a hesitant learned policy without paying for hopeless episodes.
 TASKS: dict[str, TaskSpec] = {
-    "lift": TaskSpec("Lift", "pick up the red cube", max_steps=120, target="cube"),
+    "lift": TaskSpec("Lift", "pick up the red cube", max_steps=120, target="cube", names=(("cube", "red cube"),)),
     # Stack's two cubes (red 4 cm, green 5 cm) on opposite sides of the table, 12 cm apart (+-2 cm): the instruction
     # names the one to lift, the other is a distractor. Seeds cycle through the four cases: even seeds ask for the red
     # cube, odd ones for the green; (seed // 2) % 2 says which cube is on the robot's left
     "pick_cube": TaskSpec("Stack", "pick up the red cube", max_steps=80, target="cubeA", success="lifted",
                           choices=(("cubeA", "pick up the red cube"), ("cubeB", "pick up the green cube")),
-                          layout="sides"),
-    "stack": TaskSpec("Stack", "stack the red cube on the green cube", max_steps=200, target="cubeA", goal="cubeB"),
+                          layout="sides", names=(("cubeA", "red cube"), ("cubeB", "green cube"))),
+    "stack": TaskSpec("Stack", "stack the red cube on the green cube", max_steps=200, target="cubeA", goal="cubeB",
+                      names=(("cubeA", "red cube"), ("cubeB", "green cube"))),
     # single-object PickPlace: the can starts in the left bin; its compartment in the right bin is the one nearest
     # the camera on the right, marked by the VisualCan marker (success: the can inside it, gripper moved away)
     "pick_place_can": TaskSpec("PickPlaceCan", "put the can in the front right compartment of the right bin",
@@ -309,15 +312,16 @@ class SimTask:
         return s
 
     def objects(self) -> list[dict]:
-        """Privileged object records: name, role (target / goal / other) and world position (m). Visual-only
-        markers count as objects (PickPlace's goal is one); objects parked outside the scene are left out."""
-        records = []
+        """Privileged object records: name (the task's plain name for it, else robosuite's), role (target / goal /
+        other) and world position (m). Visual-only markers count as objects (PickPlace's goal is one); objects parked
+        outside the scene are left out."""
+        records, plain = [], dict(self.spec.names)
         for name, body in self._object_bodies.items():
             role = "target" if name == self.target else "goal" if name == self.spec.goal else "other"
             pos = self.env.sim.data.body_xpos[body]
             if pos[2] > 5.0:
                 continue  # robosuite parks the unused objects of single-object mode at (10, 10, 10)
-            records.append({"name": name, "role": role, "pos": [float(x) for x in pos]})
+            records.append({"name": plain.get(name, name), "role": role, "pos": [float(x) for x in pos]})
         return records
 
     def observe(self) -> dict:

@@ -85,8 +85,10 @@ def render_rationale(r, parts=RATIONALE_PARTS) -> str:
 
 def parse_rationale_text(text: str) -> Rationale | None:
     """Inverse of render_rationale (e.g. for a policy's generated text); None when a label is missing."""
-    pattern = r"\s*".join(f"{re.escape(PART_LABELS[p])}(?P<{p}>.*?)" for p in RATIONALE_PARTS) + r"\s*$"
-    m = re.match(r"\s*" + pattern, text, flags=re.S)
+    # labels in any case and with the colon split off, as a word-level tokenizer gives them back ("observation :")
+    labels = {p: re.escape(PART_LABELS[p][:-1]) + r"\s*:" for p in RATIONALE_PARTS}
+    pattern = r"\s*".join(f"{labels[p]}(?P<{p}>.*?)" for p in RATIONALE_PARTS) + r"\s*$"
+    m = re.match(r"\s*" + pattern, text, flags=re.S | re.I)
     if m is None:
         return None
     try:

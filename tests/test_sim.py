@@ -124,7 +124,7 @@ def test_pick_cube_instruction_names_the_target_by_seed():
             seen[obs["instruction"]] = target["name"]
             assert [o["role"] for o in obs["objects"]].count("other") == 1  # the other cube is a distractor
             assert (obs["target_mask"] > 0).sum() >= 4
-        assert seen == {"pick up the red cube": "cubeA", "pick up the green cube": "cubeB"}
+        assert seen == {"pick up the red cube": "red cube", "pick up the green cube": "green cube"}
         assert not env.success()  # on the table at reset
     finally:
         env.close()
@@ -143,6 +143,6 @@ def test_pick_cube_success_is_the_named_cube_lifted():
                 break
         assert success
         z = {o["name"]: o["pos"][2] for o in obs["objects"]}
-        assert z["cubeB"] > z["cubeA"] + 0.03  # the named cube went up, the distractor stayed
+        assert z["green cube"] > z["red cube"] + 0.03  # the named cube went up, the distractor stayed
     finally:
         env.close()

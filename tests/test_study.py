@@ -161,3 +161,19 @@ def test_extra_arms_change_only_their_keys():
     assert {k: v for k, v in vars(drop_t).items() if k not in ("rationale_dropout", "variant")} == \
            {k: v for k, v in vars(base_t).items() if k not in ("rationale_dropout", "variant")}
     assert ("baseline", 1) in trained_arms(cfg) and ("dropout", 1) not in trained_arms(cfg)
+
+
+def test_the_rationale_gate_reads_the_tokenizers_text_and_a_1cm_tolerance():
+    import pandas as pd
+
+    from refinevla.diagnostics import gate, spatial_offset
+    from refinevla.teacher import parse_rationale_text
+
+    written = ("observation : the red cube and an open gripper situation : 9 cm from the red cube spatial : the red "
+               "cube is 4 cm left of and 8 cm below the gripper plan : move above the red cube")
+    parsed = parse_rationale_text(written)  # as a word-level tokenizer gives it back: lower case, ':' split off
+    assert parsed is not None and parsed.task_planning == "move above the red cube"
+    assert list(spatial_offset(parsed.spatial_reasoning)) == [0, 4, -8]
+    assert list(spatial_offset("the red cube is at the gripper")) == [0, 0, 0] and spatial_offset("nothing") is None
+    assert gate(pd.DataFrame({"spatial_within_1cm": [True, True, False]}))[0]
+    assert not gate(pd.DataFrame({"spatial_within_1cm": [True, False, False]}))[0]
