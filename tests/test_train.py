@@ -221,6 +221,8 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(base_dir, data, uninterrup
     _assert_same(_trainable(resumed), uninterrupted)
     assert (tmp_path / "ckpt" / "latest").read_text() == "ckpt-0000010"
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*")) == ["ckpt-0000010"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), steps  # the steps logged after the checkpoint are not repeated
 
 
 def _assert_complete(ckpt_root: Path, step: int):
