@@ -1,10 +1,11 @@
 # refinevla: `make book` runs the whole study (embedded default) and builds the book; `make test` runs the tests.
 # Both create .venv on first use and install everything, system packages included (see README).
 #
-#   make book                       PRESET=default (the embedded default, ~30 min on 2 cores)
+#   make book                       PRESET=default (the embedded default, ~21 min on 2 cores)
+#   make book PRESET=study          the ablations, 3 seeds per arm (hours)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
-#   make test                       the test suite (~7 min)
+#   make test                       the test suite (~5 min)
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
 #   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)
@@ -42,6 +43,9 @@ bench: setup
 	$(BIN)/python benchmarks/annotate_throughput.py
 	$(BIN)/python benchmarks/train_memory_speed.py --steps 3 --allocator --grad-checkpointing
 	$(BIN)/python benchmarks/eval_overhead.py
+	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/finetune_cache.py
+	$(BIN)/python benchmarks/threads.py
 
 setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 

@@ -299,6 +299,28 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                 "harness overhead (CPU)": f"{r['overhead_cpu']:+.1%}"}})
             note = (f"Closed-loop harness vs a bare robosuite loop, {r['task']}, {r['episodes']} episodes x "
                     f"{r['repeats']} repeats at {r['image_size']} px; target overhead <= 10%. {when}.")
+        elif name == "finetune_cache":
+            m = r["summary"]
+            table = pd.DataFrame({"value": {
+                "uncached step (s)": m["uncached_step_s"], "cached step (s)": m["cached_step_s"],
+                "cached / uncached": m["ratio_cached_over_uncached"],
+                "previous tied-head step (s)": m.get("tied_uncached_step_s"),
+                "cache build (ms per row)": m["cache_build_ms_per_row"], "break-even (steps)": m["break_even_steps"]}})
+            note = (f"Fine-tune step with the frozen part cached vs computed at every step ({r['size']}, "
+                    f"{r['quantization']}, top {r['settings']['top_k_layers']} of {r['settings']['decoder_layers']} "
+                    f"layers, batch {r['settings']['batch']}); target cached / uncached <= {m['target_ratio']}. "
+                    f"Measured {r.get('date', '?')}.")
+        elif name == "eval_throughput":
+            rows = {k: {"env steps/s in episodes": round(v["in_episode_steps_per_s"], 1),
+                        "ratio to the bare loop": round(v["ratio_in_episode"], 2),
+                        "env steps/s, whole run": round(v["steps_per_s"], 1),
+                        "envs per worker": v.get("envs_per_worker", 1)} for k, v in r["runs"].items()}
+            table = pd.DataFrame(rows).T
+            note = (f"Closed-loop throughput on {r['task']} ({r['workers']} workers, {r['image_size']} px, "
+                    f"{r['episodes']} episodes x {r['max_steps']} steps, an untrained {r['model']['size']} VLA): "
+                    f"the bare step + render loop against the harness with the baseline (acts directly) and a reasoning "
+                    f"policy, one or four environments per worker; target >= 0.7 of the bare loop for the baseline. "
+                    f"Measured {r.get('when', '?')}.")
         elif name == "threads":
             table = pd.DataFrame(r["rows"]).set_index("setting")
             note = (f"Pre-training step ({r['model']}) per torch thread setting, idle and beside one busy process "
