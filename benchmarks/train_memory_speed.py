@@ -10,7 +10,7 @@ Method:
   not count for the other.
 - The 4-bit base is quantised once (in its own process) and saved with ``save_pretrained``; the nf4 variant
   loads that pre-quantised folder. Quantising at load time would leave the fp32 copy's pages resident and
-  charge them to the 4-bit variant (shared/README.md).
+  charge them to the 4-bit variant (measured: the nf4 peak then includes the fp32 pages).
 - Memory: after the imports (every library either variant touches), the synthetic batches and one forward +
   backward of a ``micro`` model (torch's lazily initialised CPU kernels), the process resets its peak resident set
   (writes ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0; where that fails, the peak so far stays in the

@@ -96,7 +96,7 @@ class Conventions:
 #                 both found by exact-string search of public code, which does not name their repositories.
 #  [starvla-qc]   a public starVLA-based labelling script that reads both re-hosts with hf_hub_download and
 #                 reports state[:, 7] in [0, 1], 1 = open, "for BOTH datasets, confirmed by inspecting traces".
-#  [simplerenv]   /work/shared/simplerenv.md: SimplerEnv control rates (Bridge 5 Hz, Google Robot 3 Hz).
+#  [simplerenv]   SimplerEnv README (github.com/simpler-env/SimplerEnv): control rates, Bridge 5 Hz, Google Robot 3 Hz.
 
 BRIDGE = Conventions(
     name="bridge_orig_lerobot",

@@ -12,7 +12,7 @@ the actions cannot attend to the rationale, which only shapes the representation
 act without writing one.
 
 token_type_ids = 1 on every target token is what makes PaliGemma's prefix-LM mask causal over the targets
-(with zeros there, each target sees the ones after it and training collapses: shared/README.md).
+(with zeros there, each target sees the ones after it and training collapses; tests/test_model.py checks it).
 L_action averages the cross-entropy over the 7 action-bin tokens, L_reasoning over the rationale tokens and
 the ACTION: marker (when to stop reasoning). The baseline drops the rationale and uses lambda = 0.
 """

@@ -92,7 +92,7 @@ def _logits(model, data, row, input_ids=None, token_type=None):
 
 @pytest.mark.parametrize("which", ["last action token", "a rationale token"])
 def test_later_target_tokens_do_not_leak_into_earlier_logits(random_model, data, tok, which):
-    """The costliest known bug (shared/README.md): with token_type_ids as built, target tokens are causal."""
+    """The costliest known bug: with token_type_ids as built, target tokens are causal (zeros there let them see the future)."""
     row = 0
     ids = data["input_ids"][row].copy()
     first = int(np.argmax(data["token_type_ids"][row]))
