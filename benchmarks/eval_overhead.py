@@ -35,10 +35,11 @@ from refinevla.sim import make_task  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_overhead.json"
 
 
-def time_raw(task: str, seeds: list[int], max_steps: int, image_size: int) -> dict:
-    """The floor: build the env once, then reset + step + render for every episode, no bookkeeping."""
+def time_raw(task: str, seeds: list[int], max_steps: int, image_size: int, camera: str = "") -> dict:
+    """The floor: build the env once, then reset + step + render for every episode, no bookkeeping
+    (also the per-worker limit of benchmarks/eval_throughput.py)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    env = make_task(task, image_size=image_size, segmentation=False)
+    env = make_task(task, image_size=image_size, segmentation=False, camera=camera)
     t_build = time.perf_counter() - t0
     action = ZeroPolicy().act({})
     t1 = time.perf_counter()
@@ -49,7 +50,8 @@ def time_raw(task: str, seeds: list[int], max_steps: int, image_size: int) -> di
     t_episodes = time.perf_counter() - t1
     env.close()
     total = time.perf_counter() - t0
-    return {"total_s": total, "cpu_s": time.process_time() - c0, "build_s": t_build, "episodes_s": t_episodes}
+    return {"total_s": total, "cpu_s": time.process_time() - c0, "build_s": t_build, "episodes_s": t_episodes,
+            "steps": len(seeds) * max_steps}
 
 
 def time_harness(task: str, seeds: list[int], max_steps: int, image_size: int) -> dict:

@@ -36,29 +36,12 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from eval_overhead import time_raw  # noqa: E402  (the bare step + render loop, one per worker)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
 
 
 # ----------------------------------------------------------------------------------------------- bare loop
-def _bare_worker(task: str, seeds: list[int], max_steps: int, image_size: int, camera: str) -> dict:
-    """One worker of the limit: build the env, then reset + (step + render) with a zero action, nothing else."""
-    from refinevla.policy import ZeroPolicy
-    from refinevla.sim import make_task
-
-    t0 = time.perf_counter()
-    env = make_task(task, image_size=image_size, segmentation=False, camera=camera)
-    build_s = time.perf_counter() - t0
-    action = ZeroPolicy().act({})
-    t1 = time.perf_counter()
-    for seed in seeds:
-        env.reset(seed)
-        for _ in range(max_steps):
-            env.step(action)
-    episodes_s = time.perf_counter() - t1
-    env.close()
-    return {"build_s": build_s, "episodes_s": episodes_s, "steps": len(seeds) * max_steps}
-
-
 def _children_cpu() -> float:
     """CPU seconds used so far by this process's finished child processes (the workers, once joined)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -69,7 +52,7 @@ def time_bare(task, seeds, max_steps, image_size, camera, workers) -> dict:
     chunks = [seeds[k::workers] for k in range(workers)]
     t0, c0 = time.perf_counter(), _children_cpu()
     pool = mp.get_context("spawn").Pool(workers)
-    parts = pool.starmap(_bare_worker, [(task, c, max_steps, image_size, camera) for c in chunks])
+    parts = pool.starmap(time_raw, [(task, c, max_steps, image_size, camera) for c in chunks])
     pool.close()
     pool.join()  # joined: their CPU time is counted in RUSAGE_CHILDREN
     wall = time.perf_counter() - t0

@@ -315,9 +315,11 @@ def run_evaluate(cfg: RunConfig, units=None):
     split) and paired.csv (each arm against the baseline on the same episodes). Returns the success table."""
     import pandas as pd
 
-    from .evaluate import evaluate, read_records
+    from .evaluate import evaluate, read_records, validate
     from .stats import comparison_table, success_table
 
+    if cfg.evaluate.backend not in SIMPLER_BACKENDS:
+        validate(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
     frames, checks = [], []
     for arm, seed in units or evaluated_units(cfg):
         out = evaluate_dir(cfg, arm, seed)

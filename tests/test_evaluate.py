@@ -21,6 +21,7 @@ import torch
 from refinevla import evaluate as ev
 from refinevla.evaluate import EvaluateConfig, compare_table, evaluate, summarise, wilson_interval
 from refinevla.policy import ZeroPolicy
+from vla_stubs import MarkerAt
 
 # -----------------------------------------------------------------------------
 # a fake backend: "good" succeeds on step 3 for even seeds (odd seeds in the variant split); "broken" raises
@@ -298,26 +299,6 @@ class Recorder:
 
     def trajectories(self):
         return sorted(tuple(map(tuple, e)) for e in self.episodes)
-
-
-class MarkerAt(torch.nn.Module):
-    """A VLA whose rationale ends (ACTION: forced) whenever the position of the last token fed is a multiple of 5,
-    a rule of each sequence alone: rows with prompts of different lengths stop writing at different steps."""
-
-    def __init__(self, inner, marker_id):
-        super().__init__()
-        self.inner, self.marker_id, self.config = inner, marker_id, inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        logits = out.logits.clone()
-        stop = kwargs["position_ids"][:, -1] % 5 == 0
-        logits[stop, -1, self.marker_id] = 1e4
-        out.logits = logits
-        return out
 
 
 def _outcomes(df):

@@ -67,3 +67,14 @@ def test_every_arm_is_evaluated_and_the_oracle_switch_leaves_the_others_alone(tm
     assert evaluate_key(on, ORACLE, 0) != evaluate_key(on, "refinevla", 0)
     simpler = resolve("smoke", {"root": str(tmp_path), "study.oracle": True, "evaluate.backend": "simpler"})
     assert ORACLE not in {arm for arm, _ in evaluated_units(simpler)}  # SimplerEnv gives no object poses
+
+
+def test_a_bad_evaluation_config_is_refused_before_finished_episodes_are_deleted(tmp_path):
+    cfg = config.resolve("smoke", {"root": str(tmp_path), "eval_splits": "in_distribution,sideways"})
+    out = pipeline.evaluate_dir(cfg, "base", -1)
+    out.mkdir(parents=True)
+    (out / "episodes.jsonl").write_text('{"task": "pick_cube", "split": "in_distribution", "seed": 10000}\n')
+    (out / "_key").write_text("an older key")
+    with pytest.raises(ValueError, match="sideways"):
+        pipeline.run_evaluate(cfg)
+    assert (out / "episodes.jsonl").exists()

@@ -17,6 +17,7 @@ from refinevla.model import ModelConfig, image_size, num_image_tokens, preproces
 from refinevla.policy import Policy, VLAPolicy, load_policy, load_vla
 from refinevla.tokens import BinStats, VLATokenizer
 from refinevla.train import TrainConfig
+from vla_stubs import MarkerAt
 
 torch.set_num_threads(1)
 
@@ -280,25 +281,6 @@ def test_act_batch_equals_the_unbatched_decode_token_for_token(policy, ds, reaso
         assert pol.slots[s].rationale_ids == rationale and pol.slots[s].last_rationale == text
         np.testing.assert_array_equal(action, want[0])
         assert bool(rationale) == reasoning
-
-
-class MarkerAt(torch.nn.Module):
-    """The model, except that ACTION: is forced whenever the position of the last token fed is a multiple of 5:
-    a rule of each sequence alone, so rows with prompts of different lengths stop writing at different steps."""
-
-    def __init__(self, inner, marker_id):
-        super().__init__()
-        self.inner, self.marker_id, self.config = inner, marker_id, inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        logits = out.logits.clone()
-        logits[kwargs["position_ids"][:, -1] % 5 == 0, -1, self.marker_id] = 1e4
-        out.logits = logits
-        return out
 
 
 @pytest.mark.parametrize("marker", [False, True], ids=["capped", "marker"])
