@@ -9,6 +9,8 @@
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
 #   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)
+#   make paper-env                  a second environment for SpatialVLA/OpenVLA bases (transformers 4.47)
+#   make constraints                pin the versions installed now (after the tests passed) in constraints.txt
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +18,10 @@ PRESET ?= default
 ARGS   ?=
 TORCH  ?= cpu
 TORCH_VERSION ?= 2.13.0
-SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0
+# the tested versions of everything else (scripts/constraints.py writes it); CONSTRAINTS= installs the newest allowed
+CONSTRAINTS ?= constraints.txt
+# chromium: the browser test opens every page of the built book (tests/browser_check.py)
+SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0 chromium
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -27,7 +32,7 @@ else
 TORCH_SPEC := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: book test lab bench setup system clean
+.PHONY: book test lab bench setup system clean constraints paper-env
 
 book: setup
 	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
@@ -35,9 +40,12 @@ book: setup
 test: setup
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The kernel "Python (refinevla)" the notebooks name is registered inside .venv (refinevla.book.ensure_kernel);
+# as root, JupyterLab needs --allow-root. LAB_ARGS: more jupyter-lab options (e.g. --no-browser --port 8890).
+LAB_ARGS ?=
 lab: setup
-	$(BIN)/python -m ipykernel install --user --name refinevla --display-name "Python (refinevla)"
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -c "from refinevla.book import ensure_kernel; ensure_kernel()"
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/
 
 bench: setup
 	$(BIN)/python benchmarks/annotate_throughput.py
@@ -49,7 +57,7 @@ bench: setup
 
 setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 
-# EGL/Mesa for offscreen MuJoCo rendering; npm to vendor MathJax for the offline book.
+# EGL/Mesa for offscreen MuJoCo rendering; npm to vendor MathJax for the offline book; Chromium for the browser test.
 system:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
@@ -64,15 +72,29 @@ system:
 	fi
 
 # torch first, from the CPU index (or the CUDA one with TORCH=cu1xx), so no resolver pulls a CUDA build by accident.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --retries 1 --timeout 15 "$(TORCH_SPEC)" --extra-index-url https://download.pytorch.org/whl/$(TORCH)
-	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[all]"
+	$(BIN)/python -c "from refinevla.book import ensure_kernel; ensure_kernel()"
 	touch $(STAMP)
 
 book/_static/mathjax/tex-mml-chtml.js:
 	bash scripts/vendor_mathjax.sh
+
+constraints:
+	$(BIN)/python scripts/constraints.py
+
+# The paper scale on a SpatialVLA / OpenVLA base: their remote code needs transformers 4.47 (envs/paper-spatialvla.txt),
+# so it gets its own environment; refinevla itself is installed without its default pins.
+PAPER_VENV ?= .venv-paper
+paper-env:
+	test -d $(PAPER_VENV) || $(PYTHON) -m venv $(PAPER_VENV)
+	$(PAPER_VENV)/bin/pip install -q --upgrade pip
+	$(PAPER_VENV)/bin/pip install -q "$(TORCH_SPEC)" torchvision --extra-index-url https://download.pytorch.org/whl/$(TORCH)
+	$(PAPER_VENV)/bin/pip install -q -r envs/paper-spatialvla.txt
+	$(PAPER_VENV)/bin/pip install -q --no-deps -e .
 
 clean:
 	rm -rf data/*/ _build

@@ -1,113 +1,56 @@
-"""One run's configuration: a dataclass per stage, presets as short YAML diffs, overrides by key.
+"""One run's configuration: the stage sections (refinevla.sections), presets as short YAML diffs, overrides by key,
+validation.
 
-Defaults live in the stage dataclasses (each in its own module); a preset (``refinevla/presets/*.yaml``)
-changes a few of them; command-line / notebook overrides change a few more. A key is either dotted
-(``refinevla.lambda_reason``) or a short alias (``lambda_reason``) from ``ALIASES``, or any field name that
-exists in exactly one stage. The resolved config is saved beside every stage's outputs.
+Every stage's config class lives in ``refinevla.sections`` (re-exported here), so that resolving, printing and
+checking a run config imports no torch, transformers or datasets (``refinevla config`` answers at once). Each field
+is declared with ``opt(default, help, ...)``: its help text (``describe_keys``, per-command help) and its allowed
+values (``choices``, bounds ``ge``, ``gt``, ``le``, ``lt``) sit next to it. A preset (``refinevla/presets/*.yaml``)
+changes a few defaults; command-line / notebook overrides change a few more. A key is dotted
+(``refinevla.lambda_reason``), a short alias (``lambda_reason``) from ``ALIASES``, or a field name that exists in
+exactly one section. ``resolve`` validates the whole config (``validate``: types, ranges, enumerations, cross-field
+rules) before any stage deletes or writes anything; a ``ConfigError`` names the key, the value and what is allowed,
+in one line. The resolved config is saved beside every stage's outputs.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .model import ModelConfig
-from .train import TrainConfig
+from .fields import ConfigError, ConfigKeyError, _bad, _hints, allowed, check_section, opt, set_field  # noqa: F401
+from .schema import RATIONALE_PARTS  # noqa: F401
+from .sections import (  # noqa: F401  the stage sections, importable from here as before
+    SIZES, LORA_TARGETS, IN_DISTRIBUTION, VARIANT, SPLITS, AGGREGATIONS, QUERIES, MAX_DATA_SEED, EPISODES_PER_SEED,
+    RESERVED_ARMS, _Checked, DataConfig, ModelConfig, TrainConfig, AnnotateConfig, EvaluateConfig, AttentionConfig,
+    StudyConfig, arm_configs)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
-@dataclass
-class DataConfig:
-    """Where the demonstrations come from and how many."""
-
-    source: str = "robosuite"        # robosuite | a LeRobot dataset id or local path (paper scale)
-    tasks: list[str] = field(default_factory=lambda: ["pick_cube"])  # the fine-tuning (target) set
-    episodes_per_task: int = 30
-    #: the pre-training mixture (robosuite only), {task: episodes}: the role Open X-Embodiment plays for the paper's
-    #: base; its own seeds (data.PRETRAIN_SEED_OFFSET), so no pre-training episode is a fine-tuning one
-    pretrain_mix: dict = field(default_factory=lambda: {"pick_cube": 120, "lift": 40, "stack": 20})
-    heldout_every: int = 10          # every 10th fine-tuning episode is held out of training (held-out loss)
-    image_size: int = 64
-    seed: int = 0                    # data seeds are seed*1000 + i: disjoint from the evaluation seeds
-    workers: int = 2
-    # LeRobot source only
-    episodes: str = "0:10"          # episode range "a:b" or a count "n" of a seeded sample
-    stride: int = 1                  # keep every k-th frame
-    revision: str = "main"
-    camera: str = ""                 # "" = the source's default camera (robosuite: the wrist camera)
-
-
-@dataclass
-class StudyConfig:
-    """Which arms are trained and evaluated, and on how many fine-tuning seeds.
-
-    The main arms (baseline, refinevla) are fine-tuned once per seed in ``seeds``; each extra arm in ``arms`` is the
-    ``from`` arm's config with a few keys changed, fine-tuned on the first ``arm_seeds`` seeds. The same seed gives
-    every arm the same adapter initialisation and the same data order (train.finetune)."""
-
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    #: name -> {"from": baseline | refinevla, key: value, ...}; keys are fields of the training config, or
-    #: "model.<field>" (e.g. model.tune_top_k_layers)
-    arms: dict = field(default_factory=lambda: {
-        "dropout": {"from": "refinevla", "rationale_dropout": 0.5},    # ECoT-Lite: reasoning dropout, act directly
-        "after": {"from": "refinevla", "rationale_position": "after"},  # ECoT-Lite: rationale after the action
-    })
-    arm_seeds: int = 1               # seeds of each extra arm (the first ones of `seeds`)
-    base: bool = True                # evaluate the pre-trained base without fine-tuning (the first row)
-    oracle: bool = True              # evaluate ReFineVLA acting on the teacher's rationale (robosuite only)
-    #: fine-tunes run side by side, one per process with one torch thread each (0 = auto: one per core on a CPU,
-    #: one at a time on a GPU or under `accelerate launch`)
-    parallel_finetunes: int = 0
-
-    def __post_init__(self):
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"study.seeds={self.seeds}: give one or more distinct fine-tuning seeds")
-        if not 0 <= self.arm_seeds <= len(self.seeds):
-            raise ValueError(f"study.arm_seeds={self.arm_seeds} must be in 0..{len(self.seeds)} (len(study.seeds))")
-        for name, spec in self.arms.items():
-            if name in ("baseline", "refinevla", "base", "oracle", "pretrain"):
-                raise ValueError(f"study.arms: {name!r} is a reserved arm name")
-            if not isinstance(spec, dict) or spec.get("from", "refinevla") not in ("baseline", "refinevla"):
-                raise ValueError(f"study.arms.{name}: needs a mapping with from: baseline | refinevla, got {spec!r}")
-
-
-def _stage_defaults():
-    from .attention import AttentionConfig
-    from .evaluate import EvaluateConfig
-    from .teacher import AnnotateConfig
-
-    return AnnotateConfig, EvaluateConfig, AttentionConfig
-
-
+# ------------------------------------------------------------------------------------------------- the run
 @dataclass
 class RunConfig:
     """Every stage of one run. ``root``/``name`` is the run folder; the book reads only from there."""
 
     name: str = "default"
     root: str = "data"
-    data: DataConfig = field(default_factory=DataConfig)
-    annotate: object = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    annotate: AnnotateConfig = dataclasses.field(default_factory=AnnotateConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    pretrain: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         variant="pretrain", use_rationale=False, lambda_reason=0.0, steps=1500, batch_size=32, lr=1e-3))
-    baseline: TrainConfig = field(default_factory=lambda: TrainConfig(
+    baseline: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         variant="baseline", use_rationale=False, lambda_reason=0.0))
-    refinevla: TrainConfig = field(default_factory=lambda: TrainConfig(
+    refinevla: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         variant="refinevla", use_rationale=True, lambda_reason=0.5))
-    evaluate: object = None
-    attention: object = None
-    study: StudyConfig = field(default_factory=StudyConfig)
-
-    def __post_init__(self):
-        annotate_cls, evaluate_cls, attention_cls = _stage_defaults()
-        self.annotate = self.annotate if self.annotate is not None else annotate_cls()
-        self.evaluate = self.evaluate if self.evaluate is not None else evaluate_cls()
-        self.attention = self.attention if self.attention is not None else attention_cls()
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -154,6 +97,46 @@ ALIASES = {
 }
 
 
+# ------------------------------------------------------------------------------------------------- checking
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the whole run config (every section, then the rules across sections); raise a one-line ConfigError
+    naming the key, the value and what is allowed. Called by ``resolve`` before any stage runs."""
+    if not isinstance(cfg.name, str) or not re.fullmatch(r"\w[\w.-]*", cfg.name, re.ASCII):
+        raise _bad("name", cfg.name, "a run folder name: letters, digits, '_', '.', '-' (not starting with '.' or '-')")
+    if not isinstance(cfg.root, str) or not cfg.root:
+        raise _bad("root", cfg.root, "a folder path")
+    for section in SECTIONS:
+        check_section(getattr(cfg, section), section)
+    for name, spec in cfg.study.arms.items():  # against the run's own sections (e.g. the model's layer count)
+        arm_configs(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{name}")
+    if not cfg.model.checkpoint:
+        layers = SIZES[cfg.model.size]["text_layers"]
+        if not -layers <= cfg.attention.layer < layers:
+            raise _bad("attention.layer", cfg.attention.layer,
+                       f"{-layers}..{layers - 1} (size {cfg.model.size!r} has {layers} decoder layers)")
+    if cfg.data.source == "robosuite" and not cfg.model.checkpoint and not sum(cfg.data.pretrain_mix.values()):
+        raise _bad("data.pretrain_mix", cfg.data.pretrain_mix, "at least one pre-training episode")
+    if cfg.evaluate.backend == "robosuite":
+        _check_eval_seeds(cfg.evaluate)
+    return cfg
+
+
+def _check_eval_seeds(ev: EvaluateConfig) -> None:
+    """Evaluation seeds stay in 10_000..19_999 (in distribution) and 20_000..29_999 (variant scenes): disjoint from
+    the demonstrations' seeds (0..9_999 fine-tuning, 30_000.. pre-training; refinevla.data's seed table)."""
+    ranges = {IN_DISTRIBUTION: (10_000, 20_000), VARIANT: (20_000, 30_000)}
+    for split in ev.splits:
+        low, high = ranges[split]
+        seeds = ev.seed_list(split)
+        if min(seeds) < low or max(seeds) >= high:
+            key = "evaluate.seeds" if ev.seeds is not None else (
+                "evaluate.base_seed" if split == IN_DISTRIBUTION else "evaluate.variant_base_seed")
+            value = ev.seeds if ev.seeds is not None else seeds[0]
+            raise _bad(key, value, f"{split} seeds within {low}..{high - 1} (this gives {min(seeds)}..{max(seeds)}; "
+                                   "data seeds are 0..9999, pre-training seeds 30000 and up)")
+
+
+# ------------------------------------------------------------------------------------------------- keys
 def _section_fields(cfg: RunConfig) -> dict[str, set[str]]:
     return {s: {f.name for f in fields(getattr(cfg, s))} for s in SECTIONS}
 
@@ -170,56 +153,34 @@ def resolve_key(cfg: RunConfig, key: str) -> list[str]:
         section, name = key.split(".", 1)
         if section not in by_section or name not in by_section[section]:
             known = sorted(by_section.get(section, [])) or list(SECTIONS)
-            raise KeyError(f"unknown config key {key!r}; known in {section!r}: {known}")
+            raise ConfigKeyError(f"unknown config key {key!r}; known in {section!r}: {known}")
         return [key]
     owners = [s for s, names in by_section.items() if key in names]
     if len(owners) == 1:
         return [f"{owners[0]}.{key}"]
     if not owners:
-        raise KeyError(f"unknown config key {key!r}: use section.field (sections: {', '.join(SECTIONS)}) "
+        raise ConfigKeyError(f"unknown config key {key!r}: use section.field (sections: {', '.join(SECTIONS)}) "
                        f"or an alias ({', '.join(sorted(ALIASES))})")
-    raise KeyError(f"config key {key!r} is ambiguous (in {owners}); write it as section.{key}")
+    raise ConfigKeyError(f"config key {key!r} is ambiguous (in {owners}); write it as section.{key}")
 
 
-def _coerce(current, value):
-    """Parse strings from the command line into the type of the field they replace."""
-    if not isinstance(value, str) or isinstance(current, str):
-        return value
-    parsed = yaml.safe_load(value)
-    if isinstance(current, (list, tuple)) and isinstance(parsed, str):
-        return [v.strip() for v in parsed.split(",") if v.strip()]
-    if isinstance(current, float) and isinstance(parsed, (str, int)) and not isinstance(parsed, bool):
-        try:
-            return float(parsed)  # YAML reads "3e-4" as a string
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    return parsed
-
-
-def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
-    """Set each key (dotted, alias or unique field name); values given as strings are parsed (YAML)."""
+def apply_overrides(cfg: RunConfig, overrides: dict, check: bool = True) -> RunConfig:
+    """Set each key (dotted, alias or unique field name), converting strings to the field's type; None values are
+    skipped. ``check``: validate the whole config afterwards."""
     for key, value in overrides.items():
         if value is None:
             continue
         for path in resolve_key(cfg, key):
             if "." not in path:
-                setattr(cfg, path, value)
+                setattr(cfg, path, value if not isinstance(value, str) else value.strip())
                 continue
             section, name = path.split(".", 1)
-            stage = getattr(cfg, section)
-            setattr(stage, name, _coerce(getattr(stage, name), value))
-    for section in SECTIONS:  # re-validate after changes
-        stage = getattr(cfg, section)
-        for check in ("__post_init__", "validate"):
-            if hasattr(stage, check):
-                getattr(stage, check)()
-    return cfg
+            set_field(getattr(cfg, section), name, value, path)
+    return validate(cfg) if check else cfg
 
 
 def model_sizes() -> list[str]:
-    """The tiny-scale size presets (refinevla.model.SIZES)."""
-    from .model import SIZES
-
+    """The tiny-scale size presets (SIZES)."""
     return sorted(SIZES)
 
 
@@ -230,12 +191,12 @@ def list_presets() -> list[str]:
 def load_preset(name: str) -> dict:
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.exists():
-        raise ValueError(f"unknown preset {name!r}; known presets: {list_presets()} (in {PRESETS_DIR})")
+        raise ConfigError(f"preset={name!r}: unknown preset; expected one of {', '.join(list_presets())} (in {PRESETS_DIR})")
     return yaml.safe_load(path.read_text()) or {}
 
 
 def resolve(preset: str = "default", overrides: dict | None = None, **params) -> RunConfig:
-    """The run config: dataclass defaults, then the preset, then overrides (None values are ignored).
+    """The run config: dataclass defaults, then the preset, then overrides (None values are ignored), validated.
 
     ``params`` are the notebook parameters (same keys as overrides), so a notebook can pass its whole
     parameters cell: ``resolve(preset, lambda_reason=lambda_reason, ...)``.
@@ -247,10 +208,10 @@ def resolve(preset: str = "default", overrides: dict | None = None, **params) ->
             flat.update({f"{section}.{k}": v for k, v in values.items()})
         else:
             flat[section] = values
-    apply_overrides(cfg, flat)
-    apply_overrides(cfg, dict(overrides or {}))
-    apply_overrides(cfg, params)
-    return cfg
+    apply_overrides(cfg, flat, check=False)
+    apply_overrides(cfg, dict(overrides or {}), check=False)
+    apply_overrides(cfg, params, check=False)
+    return validate(cfg)
 
 
 def from_dict(d: dict) -> RunConfig:
@@ -275,4 +236,27 @@ def notebook_config(preset: str, run: str = "", namespace: dict | None = None, o
     cfg = resolve(preset, overrides, **params)
     if run:
         cfg.name = run
+        validate(cfg)
     return cfg
+
+
+def describe_keys(sections=SECTIONS, cfg: RunConfig | None = None) -> list[tuple[str, object, str]]:
+    """(key, default, description) for every field of ``sections`` (section names of RunConfig), generated from the
+    dataclasses: the default is ``cfg``'s value (the dataclass defaults when None), the description is the field's
+    help followed by what it accepts; the aliases that set a key are named after it."""
+    cfg = cfg or RunConfig()
+    by_target = {}
+    for alias, target in ALIASES.items():
+        for path in target if isinstance(target, list) else [target]:
+            by_target.setdefault(path, []).append(alias)
+    rows = []
+    for section in sections:
+        stage = getattr(cfg, section)
+        hints = _hints(type(stage))
+        for f in fields(stage):
+            key = f"{section}.{f.name}"
+            text = f"{f.metadata.get('help', '')} [{allowed(f, hints[f.name])}]".strip()
+            if key in by_target:
+                text += f" (alias: {', '.join(by_target[key])})"
+            rows.append((key, getattr(stage, f.name), text))
+    return rows
