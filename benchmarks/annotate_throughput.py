@@ -33,6 +33,7 @@ import openai
 from PIL import Image
 
 from refinevla.teacher import AnnotateConfig, annotate
+from refinevla.teacher.request import Job, build_messages
 
 HERE = Path(__file__).resolve().parent
 KEY_ENV = "REFINEVLA_BENCH_KEY"
@@ -66,7 +67,6 @@ def process_cpu_s(pid: int) -> float:
 
 def sdk_cpu_ms(url: str, n: int = 200) -> float:
     """CPU ms per request of the bare SDK call (`chat.completions.create`, one thread, same message)."""
-    from refinevla.teacher_http import Job, build_messages
     client = openai.OpenAI(api_key="unused-local", base_url=url, max_retries=0)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     messages = build_messages(Job(0, "", image, "lift the cube", [0.0] * 8, [0.1] * 7, []))
@@ -99,8 +99,8 @@ def sweep(latency: float, concurrencies: list[int], seconds: float, tmp: str) ->
         for c in concurrencies:
             n = c * max(3, round(seconds / latency))  # whole rounds of c requests: no half-empty tail
             demos = make_demos(n, seed=c)
-            cfg = AnnotateConfig(teacher="http", base_url=url, api_key_env=KEY_ENV, concurrency=c,
-                                 data_root=f"{tmp}/data-{latency}-{c}", timeout_s=30.0)
+            cfg = AnnotateConfig(teacher="http", base_url=url, api_key_env=KEY_ENV, concurrency=c, preflight=0,
+                                 data_root=f"{tmp}/data-{latency}-{c}", timeout_s=30.0)  # steady state: no preflight
             server_cpu = process_cpu_s(server.pid)
             cold, wall, cpu = timed_annotate(demos, cfg, f"{tmp}/out-{latency}-{c}")
             server_ms = (process_cpu_s(server.pid) - server_cpu) / n * 1000
@@ -136,7 +136,7 @@ def batch_client_side(n: int, tmp: str) -> dict:
     try:
         demos = make_demos(n, seed=7)
         cfg = AnnotateConfig(teacher="http", base_url=url, api_key_env=KEY_ENV, batch=True, batch_poll_s=0.05,
-                             data_root=f"{tmp}/data-batch", timeout_s=60.0)
+                             data_root=f"{tmp}/data-batch", timeout_s=60.0, preflight=0)
         summary, wall, cpu = timed_annotate(demos, cfg, f"{tmp}/out-batch")
         assert summary["requests_sent"] == n and summary["failed"] == 0, summary
         return {"rows": n, "annotate_wall_s": round(wall, 3), "rows_per_s": round(n / wall, 1),

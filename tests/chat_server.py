@@ -9,7 +9,17 @@ queue (served to the next requests in order) or from a rule (a function of the r
     {"status": 400, "message": "..."}   an error whose body says this (e.g. echoing what the client sent)
     {"delay": 2.0}                      sleep before answering (beyond the client's timeout)
     {"content": "not json"}             this message content instead of a valid rationale
+    {"content": "", "finish_reason": "length"}   what a thinking model answers when thinking used the token limit
     {"empty_choices": True}             a 200 with "choices": []
+
+and refuses what a real endpoint refuses, with its status and message (checked before any fault):
+
+    server.api_key = "sk-..."             401 for any other Authorization header
+    server.models = {"gpt-5-mini"}        404 "model ... does not exist" for any other model
+    server.token_param = "max_completion_tokens"   400 for a body with max_tokens (OpenAI's gpt-5 / o-series text)
+    server.refused_fields = {"reasoning_effort"}   400 naming the first refused field present in the body
+    server.refuse_batch_metadata = True   400 for POST /v1/batches with metadata (as Gemini may)
+    server.refuse_batch_list = True       400 for GET /v1/batches (as Gemini may)
 
     with ChatServer(latency_s=0.1) as server:   # server.url -> "http://127.0.0.1:<port>/v1"
         ...
@@ -75,6 +85,13 @@ class ChatServer:
         self.batches: dict[str, dict] = {}   # id -> the batch object (+ "_polls": retrieves left before it runs)
         self.batch_polls = 1                 # retrieves a batch stays in_progress for
         self.batch_script: deque[dict] = deque()
+        # what the endpoint refuses (see the module docstring)
+        self.api_key: str | None = None
+        self.models: set[str] | None = None
+        self.token_param: str | None = None
+        self.refused_fields: set[str] = set()
+        self.refuse_batch_metadata = False
+        self.refuse_batch_list = False
 
     # -- life cycle
     def start(self) -> "ChatServer":
@@ -126,6 +143,26 @@ class ChatServer:
             rule = self.rule
         return (rule(n, body) if rule else None) or {}
 
+    def refusal(self, headers: dict | None, body: dict) -> dict | None:
+        """The error a real endpoint would answer this chat request with, as a fault ({"status", "message"});
+        headers None: a batch line (its key was checked with the upload)."""
+        if self.api_key is not None and headers is not None and \
+                headers.get("authorization") != f"Bearer {self.api_key}":
+            return {"status": 401, "message": "Incorrect API key provided."}
+        if self.models is not None and body.get("model") not in self.models:
+            return {"status": 404, "message": f"The model `{body.get('model')}` does not exist or you do not have "
+                                               "access to it."}
+        if self.token_param == "max_completion_tokens" and "max_tokens" in body:
+            return {"status": 400, "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                              "Use 'max_completion_tokens' instead."}
+        if self.token_param == "max_tokens" and "max_completion_tokens" in body:
+            return {"status": 400, "message": "Unrecognized request argument supplied: max_completion_tokens"}
+        for name in sorted(self.refused_fields):
+            if name in body:
+                return {"status": 400, "message": f'Invalid JSON payload received. Unknown name "{name}": '
+                                                  "Cannot find field."}
+        return None
+
     def completion(self, body: dict, fault: dict) -> tuple[int, dict]:
         """(status, JSON body) of one chat completion under `fault` (the latency is the caller's)."""
         if "status" in fault:
@@ -133,7 +170,8 @@ class ChatServer:
                                                "type": "injected"}}
         content = fault["content"] if "content" in fault else self.answer(body)
         choices = [] if fault.get("empty_choices") else [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
+            {"index": 0, "finish_reason": fault.get("finish_reason", "stop"),
+             "message": {"role": "assistant", "content": content}}]
         return 200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
                      "created": int(time.time()), "model": body.get("model", "fake"), "choices": choices,
                      "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
@@ -185,6 +223,7 @@ class ChatServer:
         for line in answered:
             body = line["body"]
             line_fault = self.admit(line["url"], {"x-batch-id": batch["id"]}, body)
+            line_fault = self.refusal(None, body) or line_fault
             status, obj = self.completion(body, line_fault)
             record = {"id": f"batch_req_{time.monotonic_ns()}", "custom_id": line["custom_id"],
                       "response": {"status_code": status, "request_id": "req", "body": obj}, "error": None}
@@ -232,12 +271,17 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = {"_raw": raw.decode(errors="replace")}
         if path == "/v1/batches":
+            if chat.refuse_batch_metadata and body.get("metadata"):
+                return self.reply(400, {"error": {"message": 'Invalid JSON payload received. Unknown name "metadata"',
+                                                  "type": "invalid_request"}})
             if body.get("input_file_id") not in chat.files:
                 return self.reply(400, {"error": {"message": "no such input file", "type": "invalid_request"}})
             return self.reply(200, chat.create_batch(body))
-        fault = chat.admit(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        fault = chat.admit(self.path, headers, body)
         if path != "/v1/chat/completions":
             return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+        fault = chat.refusal(headers, body) or fault
         time.sleep(chat.latency_s + fault.get("delay", 0.0))
         status, obj = chat.completion(body, fault)
         headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
@@ -252,6 +296,9 @@ class _Handler(BaseHTTPRequestHandler):
         if m and (batch := chat.retrieve_batch(m.group(1))) is not None:
             return self.reply(200, batch)
         if path == "/v1/batches":
+            if chat.refuse_batch_list:
+                return self.reply(400, {"error": {"message": "listing batches is not supported",
+                                                  "type": "invalid_request"}})
             with chat.lock:
                 data = [public(b) for b in reversed(chat.batches.values())]  # newest first, like the API
             return self.reply(200, {"object": "list", "data": data, "has_more": False,

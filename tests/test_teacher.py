@@ -204,3 +204,36 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="instruction"):
         annotate(make_demos().remove_columns("instruction"), AnnotateConfig(), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # a rejected input writes nothing
+
+
+# -- the package's structure
+
+
+LAYERS = ["rationale", "frames", "cache", "faithfulness", "privileged", "request", "cost", "online", "batch", "remote",
+          "annotate"]  # bottom to top: a module imports only modules before it
+
+
+def test_the_teacher_package_imports_one_way_and_never_inside_functions():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import refinevla.teacher as package
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(LAYERS + ["__init__"])
+    for name in LAYERS:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        top = set(tree.body)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            assert node in top, f"teacher/{name}.py line {node.lineno}: a package import inside a function"
+            if node.level == 1:
+                used = [node.module] if node.module else [a.name for a in node.names]
+                for other in used:
+                    assert LAYERS.index(other) < LAYERS.index(name), f"teacher/{name}.py imports {other} (above it)"
+    # importing the package (what every other module does) loads neither torch nor the openai client
+    code = "import sys, refinevla.teacher; print(sorted({'torch', 'openai'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=folder.parents[1]).stdout.strip() == "[]"

@@ -24,7 +24,8 @@ from test_teacher_http import key, server  # noqa: E402,F401  the same fixtures 
 
 def batch_cfg(server, tmp_path, **overrides) -> AnnotateConfig:
     base = dict(teacher="http", base_url=server.url, model="gpt-4o-mini", api_key_env=KEY_ENV,
-                data_root=str(tmp_path / "data"), batch=True, batch_poll_s=0.01, timeout_s=5.0, max_attempts=2)
+                data_root=str(tmp_path / "data"), batch=True, batch_poll_s=0.01, timeout_s=5.0, max_attempts=2,
+                preflight=0)
     return AnnotateConfig(**{**base, **overrides})
 
 
@@ -174,6 +175,48 @@ def test_a_server_without_the_batch_api_gets_a_clear_error(tmp_path):
         cfg = batch_cfg(plain, tmp_path, base_url=plain_url.replace("/v1", "/v0"))  # no route there
         with pytest.raises(RuntimeError, match="has no Batch API.*set batch: false"):
             annotate(make_demos(), cfg, tmp_path / "out")
+
+
+def test_a_provider_that_refuses_metadata_and_listing_still_runs_and_recovers(server, tmp_path):
+    """Gemini's batch endpoint may refuse `metadata` and the batch list: the batch is created without metadata,
+    the ledger keeps it, and a run killed before recording its id submits its frames again (nothing lost)."""
+    server.refuse_batch_metadata = server.refuse_batch_list = True
+    server.batch_polls = 10**6
+    demos = make_demos()
+    with pytest.raises(RuntimeError, match="10 of 10 key frames failed"):
+        annotate(demos, batch_cfg(server, tmp_path, batch_timeout_s=0.01), tmp_path / "out")
+    assert server.batches["batch_0"]["metadata"] is None and ledger(tmp_path) == [("batch_0", 10, 0)]
+    server.batches["batch_0"]["_polls"] = 0
+    out = annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out")  # collected through the ledger
+    assert len(server.batches) == 1 and ledger(tmp_path) == [("batch_0", 10, 1)]
+    assert_each_row_has_its_own_answer(out)
+
+    with sqlite3.connect(tmp_path / "data" / "cache" / "teacher.sqlite") as db:  # a crash before the id was saved
+        db.execute("DELETE FROM answers")
+        db.execute("UPDATE batches SET batch_id = NULL, collected = 0")
+    server.batch_polls = 0
+    out = annotate(demos, batch_cfg(server, tmp_path), tmp_path / "out2")  # no list to search: sent again
+    assert len(server.batches) == 2 and len(input_lines(server, "batch_1")) == 10
+    assert_each_row_has_its_own_answer(out)
+
+
+def test_preflight_before_a_batch_sends_two_online_requests_then_the_rest_as_a_batch(server, tmp_path):
+    out = annotate(make_demos(), batch_cfg(server, tmp_path, preflight=2), tmp_path / "out")
+    assert len(online(server)) == 2 and len(input_lines(server, "batch_0")) == 8
+    assert_each_row_has_its_own_answer(out)
+    server.models = {"another-model"}
+    with pytest.raises(RuntimeError, match="preflight request failed: not found"):
+        annotate(make_demos(seed=1), batch_cfg(server, tmp_path, preflight=2), tmp_path / "out2")
+    assert len(server.batches) == 1, "a refused model must not reach the Batch API"
+
+
+def test_batch_lines_use_the_token_limit_name_the_preflight_found(server, tmp_path):
+    server.token_param = "max_completion_tokens"  # a model name that says nothing (an alias behind a proxy)
+    out = annotate(make_demos(), batch_cfg(server, tmp_path, model="my-alias", preflight=2), tmp_path / "out")
+    assert_each_row_has_its_own_answer(out)
+    lines = input_lines(server, "batch_0")
+    assert len(lines) == 8 and all("max_completion_tokens" in line["body"] for line in lines)
+    assert len(online(server)) == 3  # the first preflight request was refused once, then resent
 
 
 def test_dry_run_prices_the_batch(server, tmp_path, capsys):

@@ -1,4 +1,6 @@
-"""The HTTP teacher against a fake chat-completions server on 127.0.0.1: the real `openai` client, real HTTP.
+"""The online HTTP teacher against a fake chat-completions server on 127.0.0.1: the real `openai` client, real HTTP.
+Retries to the end of the attempts under a mix of faults, the repair requests, the early stop when the first
+frames all fail the same way, the cache across runs and a SIGKILL.
 
     .venv/bin/pytest tests/test_teacher_http.py -q
 """
@@ -8,9 +10,11 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,9 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, in any import mode
 from chat_server import ChatServer, default_answer, instruction_of  # noqa: E402
-from refinevla import teacher_http  # noqa: E402
-from refinevla.teacher import AnnotateConfig, annotate  # noqa: E402
-from refinevla.teacher_http import PROMPT_VERSION, Throttle, parse_answer, retry_after_s, retryable  # noqa: E402
+from refinevla.teacher import AnnotateConfig, annotate, online  # noqa: E402
+from refinevla.teacher.online import Throttle, retry_after_s, retryable  # noqa: E402
+from refinevla.teacher.request import PROMPT_VERSION, parse_answer  # noqa: E402
 from test_teacher import make_demos  # noqa: E402
 
 SECRET = "sk-test-SECRET-123"
@@ -64,8 +68,8 @@ def assert_secret_nowhere(folder):
             assert SECRET.encode() not in path.read_bytes(), f"the API key leaked into {path}"
 
 
-def cache_rows(tmp_path, where="1"):
-    with sqlite3.connect(tmp_path / "data" / "cache" / "teacher.sqlite") as db:
+def cache_rows(tmp_path, where="1", root="data"):
+    with sqlite3.connect(tmp_path / root / "cache" / "teacher.sqlite") as db:
         return db.execute(f"SELECT status, error FROM answers WHERE {where}").fetchall()
 
 
@@ -154,7 +158,8 @@ def test_retries_recover_from_500_timeout_and_empty_choices(server, tmp_path):
 def test_retry_after_is_honoured_and_pauses_every_worker(server, tmp_path):
     # request 0 is refused at once; the others are in flight when it is, and answer 0.2 s later
     server.rule = lambda n, body: {"status": 429, "retry_after": 1} if n == 0 else {"delay": 0.2}
-    out = annotate(make_demos(episodes=1, steps=6), http_cfg(server, tmp_path, concurrency=3), tmp_path / "out")
+    cfg = http_cfg(server, tmp_path, concurrency=3, preflight=0)
+    out = annotate(make_demos(episodes=1, steps=6), cfg, tmp_path / "out")
     assert_each_row_has_its_own_answer(out)
     times = [r["time"] for r in server.requests]
     assert len(times) == 7 and cost(tmp_path / "out")["retries"] == 1
@@ -194,24 +199,104 @@ def test_repair_request_fixes_bad_json(server, tmp_path):
     assert instruction_of(repair) == instruction_of(server.requests[0]["body"])  # same frame, same question
 
 
-def test_schema_violation_repaired_then_failed_item_retried_next_run(server, tmp_path):
+def test_off_schema_answers_are_repaired_until_the_attempts_run_out(server, tmp_path):
     fenced = "```json\n" + default_answer({"messages": [{"role": "user", "content": "Instruction: x"}]}) + "\n```"
     assert parse_answer(fenced)[0] is not None  # fences are tolerated
     violations = [{"content": json.dumps({"observation": "only one part"})},
                   {"content": json.dumps({"observation": "x", "situation_analysis": "y", "spatial_reasoning": "z",
                                           "task_planning": "w", "extra": "not allowed"})}]
-    server.script.extend(violations)  # item 0: bad answer, bad repair -> failed, no more requests
-    cfg = http_cfg(server, tmp_path, concurrency=1)
-    with pytest.raises(RuntimeError, match="1 of 3 key frames failed.*re-run to retry only the failed"):
-        annotate(make_demos(episodes=1, steps=3), cfg, tmp_path / "out")
-    assert server.count == 4 and not (tmp_path / "out" / "dataset").exists()
-    failure = cost(tmp_path / "out")["failures"][0]
-    assert "after one repair request" in failure["error"] and failure["requests"] == 2
-    assert cache_rows(tmp_path, "status = 'failed'")[0][1].startswith("invalid rationale JSON")
-    out = annotate(make_demos(episodes=1, steps=3), cfg, tmp_path / "out")
-    assert server.count == 5 and len(out) == 3  # only the failed item was asked again
+    server.script.extend(violations)  # item 0: a bad answer, a bad repair, then a good second repair
+    out = annotate(make_demos(episodes=1, steps=3), http_cfg(server, tmp_path, concurrency=1), tmp_path / "out")
     assert_each_row_has_its_own_answer(out)
-    assert cache_rows(tmp_path, "status = 'failed'") == []
+    assert server.count == 5 and cost(tmp_path / "out")["repairs"] == 2
+    second_repair = server.requests[2]["body"]["messages"]
+    assert len(second_repair) == 4 and "extra" in second_repair[-1]["content"]  # quotes the latest error only
+
+    server.reset()  # the same with 2 attempts: the frame fails, and only it is asked again by the next run
+    server.script.extend(violations)
+    cfg = http_cfg(server, tmp_path, concurrency=1, max_attempts=2, data_root=str(tmp_path / "d2"))
+    with pytest.raises(RuntimeError, match="1 of 3 key frames failed.*re-run to retry only the failed"):
+        annotate(make_demos(episodes=1, steps=3), cfg, tmp_path / "o2")
+    assert server.count == 4 and not (tmp_path / "o2" / "dataset").exists()
+    failure = cost(tmp_path / "o2")["failures"][0]
+    assert "(after 2 attempts)" in failure["error"] and failure["requests"] == 2
+    assert cache_rows(tmp_path, "status = 'failed'", root="d2")[0][1].startswith("invalid rationale JSON")
+    out = annotate(make_demos(episodes=1, steps=3), cfg, tmp_path / "o2")
+    assert server.count == 5 and len(out) == 3
+    assert_each_row_has_its_own_answer(out)
+    assert cache_rows(tmp_path, "status = 'failed'", root="d2") == []
+
+
+FAULTS = [{"status": 429, "retry_after": 0}, {"status": 500}, {"delay": 1.6}, {"content": "Sure! {observation: cube"},
+          {"content": json.dumps({"observation": "only one part"})}, {"content": ""}, {"empty_choices": True},
+          {"status": 503}]
+
+
+def test_a_mix_of_faults_never_ends_a_frame_before_its_last_attempt(server, tmp_path):
+    """Frame i meets i % 9 faults in a row (429, 500, a timeout, malformed JSON, off-schema, empty, no choices,
+    503, in turns), then an answer: with 9 attempts every frame ends annotated, with exactly one request per
+    fault plus one."""
+    demos = make_demos(episodes=3, steps=12)
+    order = {f"lift the red cube ep{ep} st{st}": ep * 12 + st for ep in range(3) for st in range(12)}
+    seen, lock = {}, threading.Lock()
+
+    def rule(n, body):
+        frame = order[instruction_of(body)]
+        with lock:
+            k = seen[frame] = seen.get(frame, -1) + 1
+        return FAULTS[(frame + k) % len(FAULTS)] if k < frame % 9 else None
+
+    server.rule = rule
+    cfg = http_cfg(server, tmp_path, concurrency=6, max_attempts=9, timeout_s=1.0, json_schema=False)
+    out = annotate(demos, cfg, tmp_path / "out")
+    assert_each_row_has_its_own_answer(out)
+    summary = cost(tmp_path / "out")
+    assert summary["failed"] == 0 and server.count == sum(i % 9 + 1 for i in range(36)) == summary["requests_sent"]
+    assert summary["repairs"] > 0 and summary["retries"] > 0
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"  # nothing listens there: every connection is refused
+
+
+@pytest.mark.parametrize("preflight", [2, 0])
+def test_a_refused_connection_stops_the_run_after_a_few_frames(tmp_path, capsys, preflight):
+    cfg = AnnotateConfig(teacher="http", base_url=closed_port_url(), api_key_env=KEY_ENV, max_attempts=3,
+                         backoff_s=0.01, concurrency=4, preflight=preflight, fail_fast_frames=4,
+                         data_root=str(tmp_path / "data"))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as stopped:
+        annotate(make_demos(episodes=6, steps=10), cfg, tmp_path / "out")
+    message = str(stopped.value)
+    assert message.count("\n") == 0 and "cannot connect" in message and "check base_url" in message
+    assert ("the preflight request" if preflight else "the first 4 frames all") in message
+    with sqlite3.connect(tmp_path / "data" / "cache" / "teacher.sqlite") as db:
+        attempts = [n for (n,) in db.execute("SELECT attempts FROM answers")]  # requests per frame asked
+    frames, requests = len(attempts), sum(attempts)
+    assert frames == 1 if preflight else 4 <= frames <= 4 + cfg.concurrency  # of 60
+    assert requests <= frames * cfg.max_attempts and time.monotonic() - start < 20
+    assert not (tmp_path / "out" / "dataset").exists()
+
+
+def test_a_refused_key_stops_the_run_with_one_message(server, tmp_path):
+    server.api_key = "sk-the-right-one"
+    cfg = http_cfg(server, tmp_path, preflight=0, fail_fast_frames=3, concurrency=2)
+    with pytest.raises(RuntimeError, match=r"the first 3 frames all failed the same way: the key was refused "
+                                           r"\(401\).*api_key_env"):
+        annotate(make_demos(episodes=6, steps=10), cfg, tmp_path / "out")
+    assert 3 <= server.count <= 3 + 2  # one request per frame (a 401 is not retried), not 60
+    assert_secret_nowhere(tmp_path)
+
+
+def test_a_failure_after_a_success_does_not_stop_the_run(server, tmp_path):
+    server.rule = lambda n, body: {"status": 404} if n > 0 else None  # the first frame succeeds, then 404s
+    with pytest.raises(RuntimeError, match="9 of 10 key frames failed"):
+        annotate(make_demos(), http_cfg(server, tmp_path, preflight=1, fail_fast_frames=2, concurrency=1),
+                 tmp_path / "out")
+    assert server.count == 10  # every frame was asked (once: a 404 is not retried)
 
 
 def test_persistent_failures_are_recorded_and_the_run_survives(server, tmp_path):
@@ -231,9 +316,10 @@ def test_persistent_failures_are_recorded_and_the_run_survives(server, tmp_path)
 
 
 def test_non_retryable_error_fails_fast_and_the_key_is_never_written(server, tmp_path):
-    server.script.extend([{"status": 400, "message": f"bad request from key {SECRET}"}])
+    server.script.extend([{"status": 400, "message": f"response_format json_schema is not supported (key {SECRET})"}])
     with pytest.raises(RuntimeError, match="1 of 3 key frames failed"):
-        annotate(make_demos(episodes=1, steps=3), http_cfg(server, tmp_path, concurrency=1), tmp_path / "out")
+        annotate(make_demos(episodes=1, steps=3), http_cfg(server, tmp_path, concurrency=1, preflight=0),
+                 tmp_path / "out")
     assert server.count == 3  # the 400 was not retried
     error = cost(tmp_path / "out")["failures"][0]["error"]
     assert "BadRequestError 400" in error and "json_schema=False" in error and "***" in error
@@ -251,12 +337,12 @@ def test_which_errors_are_retried(server, tmp_path):
 
 
 def test_an_unexpected_error_fails_one_item_not_the_run(server, tmp_path, monkeypatch):
-    build = teacher_http.build_messages
+    build = online.build_messages
     def flaky(job):
         if job.instruction.endswith("st1"):
             raise OSError("cannot encode this frame")
         return build(job)
-    monkeypatch.setattr(teacher_http, "build_messages", flaky)
+    monkeypatch.setattr(online, "build_messages", flaky)
     with pytest.raises(RuntimeError, match="1 of 3 key frames failed"):
         annotate(make_demos(episodes=1, steps=3), http_cfg(server, tmp_path), tmp_path / "out")
     assert server.count == 2

@@ -1,6 +1,6 @@
-"""The HTTP teacher through the provider's Batch API: paper-scale annotation (~125k frames) as JSONL files.
+"""The batch teacher: the provider's Batch API for paper-scale annotation (~125k frames) as JSONL files.
 
-Online requests (`teacher_http.run`) suit thousands of frames. Beyond that the provider's own batch engine does
+Online requests (refinevla/teacher/online.py) suit thousands of frames. Beyond that the provider's own batch engine does
 the scale-out: the requests go up as JSONL files (`files.create(purpose="batch")`) and run as batches
 (`batches.create(endpoint="/v1/chat/completions")`) within `batch_window`, at half the online price, with no
 client-side concurrency or rate limit to tune. OpenAI offers it, and so does Gemini through its
@@ -12,7 +12,9 @@ input file and the keys it holds) *before* it is created, its id right after, an
 after its answers are committed. A run that is killed, or that stops waiting after `batch_timeout_s`, leaves
 its batches running at the provider; the next run collects them instead of submitting their frames again. A
 crash between creating a batch and recording its id is covered by the batch's metadata
-(`refinevla_input_sha`), looked up in the provider's batch list.
+(`refinevla_input_sha`), looked up in the provider's batch list. A provider that refuses `metadata` gets the
+batch without it, and one that refuses listing is not searched: the ledger is kept either way, and only that
+narrow crash window then costs a second submission of the same frames.
 
 Lines that come back with an error status, invalid JSON, or not at all (an expired or failed batch) are
 stored as failed with their reason and sent again by the next run; a batch has no repair round.
@@ -28,7 +30,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .teacher_http import Answer, build_messages, parse_answer, request_body
+from .cache import Answer
+from .request import build_messages, parse_answer, request_body
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -120,6 +123,12 @@ def client_errors() -> tuple:
     return (openai.NotFoundError, openai.UnprocessableEntityError)
 
 
+def refused(error: Exception) -> bool:
+    """A request the provider does not support (400, 404, 405, 422, 501): e.g. Gemini refusing `metadata` or the
+    batch list."""
+    return getattr(error, "status_code", None) in (400, 404, 405, 422, 501)
+
+
 def submit(client, ledger: BatchLedger, path: Path, sha: str, keys: list[str], cfg) -> str:
     """Upload one input file and create its batch (or adopt the one already created for it); return its id."""
     ledger.record(sha, keys)  # first: a crash from here on is recovered from the batch's metadata
@@ -130,8 +139,14 @@ def submit(client, ledger: BatchLedger, path: Path, sha: str, keys: list[str], c
         except client_errors() as e:
             raise RuntimeError(f"AnnotateConfig.batch: {client.base_url} has no Batch API (uploading the input "
                                f"file answered {e.status_code}); set batch: false to send online requests") from e
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT,
-                                  completion_window=cfg.batch_window, metadata={METADATA_KEY: sha})
+    import openai
+    create = dict(input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window=cfg.batch_window)
+    try:
+        batch = client.batches.create(**create, metadata={METADATA_KEY: sha})
+    except openai.APIStatusError as e:
+        if not (refused(e) and "metadata" in str(e).lower()):
+            raise
+        batch = client.batches.create(**create)  # without metadata: the ledger alone records it
     ledger.set_id(sha, batch.id)
     return batch.id
 
@@ -193,7 +208,8 @@ def answer_of(line: dict) -> Answer:
     if not choices:
         answer.error = "batch line: the server returned no choices"
         return answer
-    answer.rationale, answer.error = parse_answer(choices[0].get("message", {}).get("content"))
+    answer.rationale, answer.error = parse_answer((choices[0].get("message") or {}).get("content"),
+                                                  choices[0].get("finish_reason"))
     return answer
 
 
@@ -255,9 +271,12 @@ def run_batches(client, cache, misses, cfg, on_answers) -> dict:
 def submit_recovered(client, ledger: BatchLedger, row: dict) -> str | None:
     """A batch recorded without an id: adopt the provider's batch with its input sha, or forget the record (its
     frames are misses again and go into a new file)."""
+    import openai
     try:
         batch = find_submitted(client, row["sha"], since=row["created"])
-    except client_errors():  # no batch list here: nothing to adopt
+    except openai.APIStatusError as e:  # no batch list here (or it is refused): nothing to adopt
+        if not refused(e):
+            raise
         batch = None
     if batch is not None:
         ledger.set_id(row["sha"], batch.id)
