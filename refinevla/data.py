@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .schema import require_columns
+from .lerobot import load_lerobot
+from .schema import BASE_COLUMNS, require_columns, row_features
 
 EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "objects")
 
@@ -137,18 +138,6 @@ def _load_episode(path: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def features():
-    import datasets
-
-    return datasets.Features({
-        "episode_index": datasets.Value("int64"), "step_index": datasets.Value("int64"),
-        "task": datasets.Value("string"), "instruction": datasets.Value("string"),
-        "image": datasets.Image(), "state": datasets.Sequence(datasets.Value("float32")),
-        "action": datasets.Sequence(datasets.Value("float32")), "objects": datasets.Value("string"),
-        "phase": datasets.Value("string"), "target_mask": datasets.Image(), "seed": datasets.Value("int64"),
-    })
-
-
 def assemble(jobs: list[tuple]):
     """Successful episodes -> one dataset (episode_index numbers them in task, seed order) + statistics."""
     import datasets
@@ -175,30 +164,45 @@ def assemble(jobs: list[tuple]):
                            objects=str(ep["objects"][t]), phase=str(ep["phases"][t]),
                            target_mask=ep["target_masks"][t], seed=seed)
 
-    ds = datasets.Dataset.from_generator(rows, features=features())
+    ds = datasets.Dataset.from_generator(rows, features=row_features())
     for s in per_task.values():
         s["expert_success_rate"] = s["successes"] / max(1, s["episodes"])
     return ds, dict(tasks=per_task, episodes=len(kept), frames=len(ds))
 
 
 def save_dataset(ds, path: Path) -> None:
-    """save_to_disk into a temporary folder, then rename: a killed run never leaves a half dataset."""
+    """save_to_disk into a temporary folder, then swap it in: a kill at any point leaves either the old dataset at
+    ``path`` or, between the two renames, the old one beside it (``.<name>.old-<pid>``), which
+    ``load_dataset_dir`` moves back. Temporary names carry the process id, so two processes never clash."""
     import shutil
 
-    tmp = path.with_name("." + path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_interrupted_save(path: Path) -> None:
+    """A kill between save_dataset's two renames leaves the previous dataset as .<name>.old-<pid>: put it back."""
+    if path.exists():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], path)
 
 
 def load_dataset_dir(path: str | Path, required=None):
     """A dataset saved by a stage, with a clear error when it is missing or lacks columns."""
     import datasets
 
-    from .schema import BASE_COLUMNS
-
     path = Path(path)
+    _restore_interrupted_save(path)
     if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
         raise FileNotFoundError(f"{path}: no dataset here (run the stage that writes it first)")
     ds = datasets.load_from_disk(str(path))
@@ -210,11 +214,10 @@ def load_source(cfg, out_dir: str | Path):
     """The data stage for any source: robosuite demos, or a LeRobot dataset subset (paper scale)."""
     if cfg.source == "robosuite":
         return generate_demos(cfg, out_dir)
-    from . import lerobot
-
     out_dir = Path(out_dir)
-    ds = lerobot.load_lerobot(cfg.source, episodes=cfg.episodes, stride=cfg.stride, revision=cfg.revision,
-                              camera=cfg.camera or None, image_size=cfg.image_size)
+    # an empty revision reads a known dataset at its pinned v2.x commit (refinevla/lerobot/conventions.py)
+    ds = load_lerobot(cfg.source, episodes=cfg.episodes, stride=cfg.stride, revision=cfg.revision or None,
+                      camera=cfg.camera or None, image_size=cfg.image_size)
     save_dataset(ds, out_dir / "dataset")
     (out_dir / "stats.json").write_text(json.dumps(dict(source=cfg.source, frames=len(ds),
                                                         episodes=len(set(ds["episode_index"]))), indent=1))

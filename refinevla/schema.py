@@ -16,6 +16,9 @@ Conventions (one place, cited by the book):
   "place", "release", ...) or "" when unknown.
 - ``target_mask``: uint8 HxW, 255 where the target object is visible in ``image`` (robosuite segmentation),
   absent/None when the source has no segmentation.
+- ``seed``: the simulator seed of a robosuite episode (absent for LeRobot rows).
+
+The ``datasets.Features`` of these columns are defined once, in :func:`row_features`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,33 @@ OPTIONAL_COLUMNS = ("objects", "phase", "target_mask")
 RATIONALE_COLUMNS = ("rationale", "rationale_text", "teacher", "teacher_model", "prompt_version", "input_hash")
 #: The four parts of a ReFineVLA rationale, in the order they are written.
 RATIONALE_PARTS = ("observation", "situation_analysis", "spatial_reasoning", "task_planning")
+#: Columns of the data stage's rows, in order: the robosuite demos have them all (``seed``: the episode's
+#: simulator seed); the LeRobot reader writes ``LEROBOT_COLUMNS``.
+ROW_COLUMNS = BASE_COLUMNS + OPTIONAL_COLUMNS + ("seed",)
+LEROBOT_COLUMNS = BASE_COLUMNS + ("objects", "phase")
+
+
+def row_features(columns=ROW_COLUMNS):
+    """The ``datasets.Features`` of the data stage's rows, for ``columns`` (a subset of ROW_COLUMNS, in order).
+
+    ``image`` and ``target_mask`` are ``datasets.Image`` (PIL on access), ``state`` and ``action`` float32
+    sequences (STATE_DIM and ACTION_DIM long), ``objects`` a JSON string. Every writer of rows uses this, so
+    both sources store the same types.
+    """
+    import datasets
+
+    value, image = datasets.Value, datasets.Image
+    every = {
+        "episode_index": value("int64"), "step_index": value("int64"),
+        "task": value("string"), "instruction": value("string"),
+        "image": image(), "state": datasets.Sequence(value("float32")),
+        "action": datasets.Sequence(value("float32")),
+        "objects": value("string"), "phase": value("string"), "target_mask": image(), "seed": value("int64"),
+    }
+    unknown = [c for c in columns if c not in every]
+    if unknown:
+        raise ValueError(f"row_features: unknown column(s) {unknown}; the row columns are {list(ROW_COLUMNS)}")
+    return datasets.Features({c: every[c] for c in columns})
 
 
 def missing_columns(column_names, required=BASE_COLUMNS) -> list[str]:

@@ -212,6 +212,7 @@ def write_lerobot_fixture(parent: Path, flavour: str = "bridge", lengths=(10, 8,
 class _HubHandler(http.server.BaseHTTPRequestHandler):
     repos: dict = {}          # repo_id -> local folder (set per server)
     log: list = []            # (method, repo_id, revision, filename)
+    commit: str = COMMIT      # the one commit every repository is at (set per server)
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -225,13 +226,13 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self.log.append((self.command, repo_id, revision, filename))
         if repo_id not in self.repos:
             return 401, {"X-Error-Code": "RepoNotFound"}, None, filename
-        if revision not in ("main", COMMIT):
+        if revision not in ("main", self.commit):
             return 404, {"X-Error-Code": "RevisionNotFound"}, None, filename
         path = self.repos[repo_id] / filename
         if not path.is_file():
-            return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, None, filename
+            return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": self.commit}, None, filename
         body = path.read_bytes()
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+        headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
                    "Content-Length": str(len(body)), "Content-Type": "application/octet-stream"}
         return 200, headers, body, filename
 
@@ -254,10 +255,11 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_hub(repos: dict):
-    """Serve ``{repo_id: folder}`` on 127.0.0.1; yields (endpoint url, request log)."""
+def serve_hub(repos: dict, commit: str = COMMIT):
+    """Serve ``{repo_id: folder}`` on 127.0.0.1, "main" being ``commit``; yields (endpoint url, request log)."""
     log: list = []
-    handler = type("Handler", (_HubHandler,), {"repos": {k: Path(v) for k, v in repos.items()}, "log": log})
+    handler = type("Handler", (_HubHandler,), {"repos": {k: Path(v) for k, v in repos.items()}, "log": log,
+                                               "commit": commit})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

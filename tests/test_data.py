@@ -6,7 +6,7 @@ import pytest
 
 from refinevla.config import DataConfig
 from refinevla.data import data_seeds, generate_demos, load_dataset_dir
-from refinevla.schema import BASE_COLUMNS, OPTIONAL_COLUMNS
+from refinevla.schema import BASE_COLUMNS, OPTIONAL_COLUMNS, ROW_COLUMNS, row_features
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def test_rows_follow_the_schema(demos):
     cfg, out, ds = demos
     for col in BASE_COLUMNS + OPTIONAL_COLUMNS:
         assert col in ds.column_names
+    assert ds.features == row_features() and list(ds.features) == list(ROW_COLUMNS)  # one definition, schema.py
     row = ds[0]
     assert np.asarray(row["image"]).shape == (32, 32, 3)
     assert len(row["state"]) == 8 and len(row["action"]) == 7
@@ -56,6 +57,12 @@ def test_missing_dataset_and_columns_errors(tmp_path, demos):
         load_dataset_dir(out / "dataset", required=("image", "rationale_text"))
 
 
+def test_row_features_name_unknown_columns():
+    assert list(row_features(("image", "state"))) == ["image", "state"]
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['rationale'\]"):
+        row_features(("image", "rationale"))
+
+
 def test_data_seeds_are_disjoint_from_evaluation_seeds():
     from refinevla.evaluate import EvaluateConfig
 
@@ -63,3 +70,22 @@ def test_data_seeds_are_disjoint_from_evaluation_seeds():
     assert max(seeds) < EvaluateConfig().base_seed
     with pytest.raises(ValueError):
         data_seeds(0, 1001)
+
+
+def test_a_save_killed_between_its_renames_loses_nothing(tmp_path):
+    """save_dataset swaps a new dataset in with two renames; a kill between them leaves the previous dataset
+    beside the path, and load_dataset_dir puts it back instead of reporting it missing."""
+    import os
+
+    import datasets
+
+    from refinevla.data import load_dataset_dir, save_dataset
+
+    path = tmp_path / "dataset"
+    save_dataset(datasets.Dataset.from_dict({"x": [1, 2]}), path)
+    save_dataset(datasets.Dataset.from_dict({"x": [3, 4, 5]}), path)  # a second save replaces the first
+    assert datasets.load_from_disk(str(path))["x"] == [3, 4, 5]
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]  # no temporary folder left behind
+    os.replace(path, tmp_path / ".dataset.old-123")  # the state a kill between the two renames leaves
+    ds = load_dataset_dir(path, required=["x"])
+    assert ds["x"] == [3, 4, 5]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import socket
 import sys
@@ -25,9 +26,10 @@ from lerobot_fixture import COMMIT, frame_colour, serve_hub, write_lerobot_fixtu
 
 from refinevla import schema  # noqa: E402
 from refinevla.lerobot import (  # noqa: E402
-    FRACTAL, LeRobotFormatError, action_stats, frame_indices, generic_conventions, gripper_agreement,
-    inspect_lerobot, load_lerobot, provenance, quat_to_rpy,
+    BRIDGE, FRACTAL, KNOWN_CONVENTIONS, LeRobotFormatError, action_stats, frame_indices, generic_conventions,
+    gripper_agreement, inspect_lerobot, load_lerobot, provenance, quat_to_rpy,
 )
+from refinevla.lerobot import conventions as conventions_module  # noqa: E402
 
 COLOUR_TOLERANCE = 8  # max per-channel difference of a decoded solid colour (yuv420p, crf 10)
 
@@ -81,6 +83,7 @@ def test_rows_match_what_was_written(bridge):
         assert row["instruction"] == bridge.tasks[ep]
         assert row["task"] == "bridge_orig_lerobot"
         assert (row["objects"], row["phase"]) == ("[]", "")
+    assert ds.features == schema.row_features(schema.LEROBOT_COLUMNS)   # the one definition of the row types
     record = provenance(ds)
     assert record["camera"] == "observation.images.image_0" and record["fps"] == 5.0
     assert record["conventions"] == "bridge_orig_lerobot"
@@ -260,8 +263,9 @@ def test_episode_out_of_range(fractal):
 def test_other_malformed_inputs(fractal, tmp_path):
     root = copy_fixture(fractal, tmp_path)
     edit_info(root, codebase_version="v3.0")
-    with pytest.raises(LeRobotFormatError, match="v2.x"):
+    with pytest.raises(LeRobotFormatError, match=r"meta/info.json codebase_version is v3.0.*v2.x") as error:
         load_lerobot(root)
+    assert "\n" not in str(error.value)
     with pytest.raises(LeRobotFormatError, match="neither an existing folder nor a hub dataset id"):
         load_lerobot(str(tmp_path / "missing" / "dataset"))
     with pytest.raises(LeRobotFormatError, match="stride or frames_per_episode"):
@@ -321,3 +325,77 @@ def test_hub_errors_say_what_to_do(bridge, tmp_path, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load_lerobot("test-org/bridge_orig_lerobot", episodes=[0], endpoint=closed, cache_dir=tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conventions: sources and pinned revisions
+
+def test_every_convention_cites_a_public_source_and_none_is_assumed():
+    """Each field of BRIDGE / FRACTAL names a source tag listed, with its URL, in the module docstring."""
+    doc = conventions_module.__doc__
+    listed = dict(re.findall(r"^\[([\w-]+)\]\s+(.*?)(?=\n\[|\Z)", doc, flags=re.S | re.M))
+    assert {"any4lerobot", "open-pi-zero", "simplerenv", "hub"} <= set(listed)
+    assert all("https://" in text for text in listed.values())
+    for conv in KNOWN_CONVENTIONS.values():
+        assert {"camera", "state_layout", "state_gripper", "action", "fps", "instruction", "revision"} <= set(
+            conv.sources)
+        for field_name, text in conv.sources.items():
+            assert "assumed" not in text, (conv.name, field_name)
+            tags = re.findall(r"\[([a-z][\w-]{2,})\]", text)      # [any4lerobot], not state[t]
+            assert tags and set(tags) <= set(listed), (conv.name, field_name, tags)
+    # what the converters confirm: Fractal xyzw quaternion and a closedness state gripper; Bridge openness
+    assert (FRACTAL.quat_order, FRACTAL.state_gripper_open, BRIDGE.state_gripper_open) == ("xyzw", "low", "high")
+    assert (FRACTAL.action_gripper_open, BRIDGE.action_gripper_open) == ("high", "high")
+
+
+def test_known_datasets_pin_a_commit_of_their_own_hub_id():
+    for conv in (BRIDGE, FRACTAL):
+        assert re.fullmatch(r"[0-9a-f]{40}", conv.revision), conv.revision
+        assert conv.hub_id == f"IPEC-COMMUNITY/{conv.name}"
+
+
+def test_hub_reads_a_known_dataset_at_its_pinned_commit(bridge, tmp_path):
+    with serve_hub({BRIDGE.hub_id: bridge.root}, commit=BRIDGE.revision) as (url, log):
+        ds = load_lerobot(BRIDGE.hub_id, episodes=[1], stride=4, endpoint=url, cache_dir=tmp_path / "a")
+        assert {rev for _, _, rev, _ in log} == {BRIDGE.revision}          # never "main"
+        record = provenance(ds)
+        assert record["revision"] == BRIDGE.revision and record["revision_pinned"] is True
+        assert inspect_lerobot(BRIDGE.hub_id, endpoint=url, cache_dir=tmp_path / "a")["revision"] == BRIDGE.revision
+        log.clear()
+        ds = load_lerobot(BRIDGE.hub_id, episodes=[1], stride=4, revision="main", endpoint=url,
+                          cache_dir=tmp_path / "b")                         # an explicit revision wins
+        assert {rev for _, _, rev, f in log if f == "meta/info.json"} == {"main"}
+        assert provenance(ds)["revision_pinned"] is False
+
+
+def test_hub_errors_name_the_pin_and_refuse_v3(bridge, fractal, tmp_path):
+    root = copy_fixture(bridge, tmp_path)
+    (root / "data/chunk-000/episode_000001.parquet").unlink()
+    with serve_hub({BRIDGE.hub_id: root}, commit=BRIDGE.revision) as (url, _):
+        with pytest.raises(LeRobotFormatError, match=r"episode_000001.parquet does not exist") as error:
+            load_lerobot(BRIDGE.hub_id, episodes=[1], endpoint=url, cache_dir=tmp_path / "a")
+    assert f"revision {BRIDGE.revision} (the dataset's pinned v2.x default; revision='main'" in str(error.value)
+    v3 = copy_fixture(fractal, tmp_path / "v3")
+    edit_info(v3, codebase_version="v3.0")
+    with serve_hub({FRACTAL.hub_id: v3}, commit=FRACTAL.revision) as (url, _):
+        with pytest.raises(LeRobotFormatError, match=rf"at revision {FRACTAL.revision}: meta/info.json "
+                                                      r"codebase_version is v3.0.*pass revision= a v2.x") as error:
+            load_lerobot(FRACTAL.hub_id, episodes=[0], revision="main", endpoint=url, cache_dir=tmp_path / "b")
+    assert "\n" not in str(error.value)
+
+
+def test_package_modules_import_one_way():
+    """conventions <- hub <- reader <- api: each module imports only the ones before it (function level too)."""
+    import ast
+
+    import refinevla.lerobot as package
+
+    order = ["conventions", "hub", "reader", "api"]
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(order + ["__init__"])
+    for position, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        siblings = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert siblings <= set(order[:position]), (name, siblings)
+        assert len((folder / f"{name}.py").read_text().splitlines()) <= 300, name

@@ -52,7 +52,7 @@ def test_data_notebook_runs_on_a_lerobot_dataset(tmp_path):
     out = tmp_path / "01_data.ipynb"
     pm.execute_notebook(str(notebook), str(out), cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
                         parameters=dict(preset="smoke", run="lerobot", dataset=str(fixture.root), image_size=32,
-                                        overrides={"data.episodes": "0:2"}))
+                                        overrides={"data.episodes": "0:2", "root": str(tmp_path / "data")}))
     executed = out.read_text()
     assert "bridge_orig_lerobot" in executed  # the task column of the LeRobot rows, in the stats and frames
     assert (tmp_path / "data" / "lerobot" / "demos" / "_done.json").exists()
