@@ -2,7 +2,7 @@
 
 Runs the same episodes (same task, seeds and number of steps) twice:
   raw      a bare loop: make_task, reset(seed), step(zero action) + render, nothing else
-  harness  refinevla.evaluate.evaluate with ZeroPolicy (records, jsonl, strips, summary, progress off)
+  harness  refinevla.evaluate.evaluate with ZeroPolicy (records, jsonl, strips, episode GIFs, summary, progress off)
 and prints overhead = harness / raw - 1 (target: <= 10%), in wall-clock and in this process's CPU time (the
 steadier one on a shared machine). The two are alternated ``--repeats`` times and the fastest of each is kept.
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .geometry import matrix_to_euler
 from .schema import ACTION_DIM, STATE_DIM
 
 
@@ -104,12 +105,14 @@ def from_robosuite_action(action) -> np.ndarray:
 
 
 def mat2rpy(R: np.ndarray) -> np.ndarray:
-    """Roll, pitch, yaw (rad) of a rotation matrix, R = Rz(yaw) Ry(pitch) Rx(roll) (the Bridge convention)."""
-    R = np.asarray(R).reshape(3, 3)
-    roll = np.arctan2(R[2, 1], R[2, 2])
-    pitch = -np.arcsin(np.clip(R[2, 0], -1.0, 1.0))
-    yaw = np.arctan2(R[1, 0], R[0, 0])
-    return np.array([roll, pitch, yaw])
+    """Roll, pitch, yaw (rad) of a rotation matrix, R = Rz(yaw) Ry(pitch) Rx(roll) (the Bridge convention;
+    ``refinevla.geometry.matrix_to_euler``, which also reads MuJoCo's flat row-major 9-vector)."""
+    return matrix_to_euler(R)
+
+
+def has_state(task: str, backend: str | None = None) -> bool:
+    """Every robosuite task observes the real end-effector pose and the measured gripper opening."""
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from refinevla import evaluate as ev
+from refinevla.backends import StateUnavailableError
 from refinevla.evaluate import EvaluateConfig, compare_table, evaluate, summarise, wilson_interval
 from refinevla.policy import ZeroPolicy
 from vla_stubs import MarkerAt
@@ -27,7 +28,7 @@ from vla_stubs import MarkerAt
 # a fake backend: "good" succeeds on step 3 for even seeds (odd seeds in the variant split); "broken" raises
 # inside step()
 
-TASKS = {"good": "do the good thing", "broken": "do the broken thing"}
+TASKS = {"good": "do the good thing", "broken": "do the broken thing", "blind": "do the thing without state"}
 RESETS = []  # (task, split, seed) of every env.reset, to count what a re-run really executes
 
 
@@ -59,6 +60,10 @@ class FakeEnv:
 
 def make_task(task, image_size=64, segmentation=True, split="in_distribution"):
     return FakeEnv(task, image_size, split)
+
+
+def has_state(task, backend=None):
+    return task != "blind"  # like SimplerEnv's drawers: no end-effector pose in the observation
 
 
 class RaisingPolicy(ZeroPolicy):
@@ -202,6 +207,19 @@ def test_retry_errors_reruns_only_failed_episodes(fake, tmp_path):
     df = evaluate(ZeroPolicy, fake(tasks=("good",), episodes_per_task=2, retry_errors=True), tmp_path)
     assert RESETS == [("good", "in_distribution", 10_000)] and df.error.isna().all()
     assert len(_lines(tmp_path / "episodes.jsonl")) == 2
+
+
+class StateReader(ZeroPolicy):
+    """Declares that it conditions on ``obs["state"]`` (the flag ``refinevla.backends.uses_state`` reads)."""
+
+    uses_state = True
+
+
+def test_state_conditioned_policy_is_refused_where_there_is_no_state(fake, tmp_path):
+    with pytest.raises(StateUnavailableError, match="'blind'.*no end-effector state"):
+        evaluate(StateReader, fake(tasks=("good", "blind"), episodes_per_task=2), tmp_path)
+    assert all(r["task"] == "good" for r in _lines(tmp_path / "episodes.jsonl"))  # nothing ran on zeros
+    assert len(evaluate(ZeroPolicy, fake(tasks=("blind",), episodes_per_task=2), tmp_path / "zero")) == 2
 
 
 def test_max_steps_override(fake, tmp_path):
@@ -414,6 +432,22 @@ def test_lockstep_chunks_and_rationales_on_staggered_episodes(fake, tmp_path, mi
     serial = dataclasses.replace(cfg, envs_per_worker=1)
     evaluate(factory, serial, tmp_path / "serial")
     assert recorders[1].trajectories() == trajectories
+
+
+def test_current_rationale_reads_each_slot_of_a_reasoning_vla(micro_vla):
+    """The caption of an episode GIF is the rationale the real VLA wrote for that slot at that step."""
+    from refinevla.rollout import current_rationale
+
+    policy = _vla_policy(micro_vla, "reasoning")
+    obs = [{"image": np.full((32, 32, 3), 40 * k, np.uint8), "state": np.zeros(8, np.float32),
+            "instruction": "pick up the red cube" + " now" * k} for k in range(2)]
+    for slot in (0, 1):
+        policy.reset_slot(slot, obs[slot]["instruction"])
+    assert current_rationale(policy, 0) == current_rationale(policy, 1) == ""
+    policy.act_batch(obs, [0, 1])
+    said = [current_rationale(policy, slot) for slot in (0, 1)]
+    assert said == [policy.tok.decode_text(policy.slots[s].rationale_ids) for s in (0, 1)] and all(said)
+    assert current_rationale(_vla_policy(micro_vla, "baseline")) == ""  # acts directly: no rationale
 
 
 # -----------------------------------------------------------------------------

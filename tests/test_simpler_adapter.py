@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -477,3 +478,85 @@ def test_adapter_without_simulator_make_task_meets_evaluate_contract():
     assert record["error"] is None and record["success"] is True and record["steps"] == 3  # stops at success
     assert task.spec.seed == 3 and task.env.options["obj_init_options"] == {"episode_id": 3}
     task.close()
+
+
+# ------------------------------------------------------------------------------- ManiSkill3 eggplant grid
+def test_adapter_without_simulator_maniskill3_eggplant_ids_cover_all_8_positions():
+    """The env places the eggplant at position (id % 64) // 8 and orientation id % 8 (ManiSkill's
+    BaseBridgeEnv._initialize_episode); ids 0-23 would use positions 0-2 only."""
+    task = "widowx_put_eggplant_in_basket"
+    assert {S.ms3_grid_cell(task, i)[0] for i in range(24)} == {0, 1, 2}  # the old identity mapping
+    plan = S.episode_plan(S.SimplerConfig(backend="maniskill3", tasks=(task,)))
+    cells = [S.ms3_grid_cell(task, spec.reset_options["episode_id"]) for spec in plan]
+    assert len(plan) == 24 and len(set(cells)) == 24
+    assert {p for p, _ in cells} == set(range(8)) and {q for _, q in cells} == {0, 1, 2}  # -45, 0, +45 degrees
+    assert {p for p, _ in cells[:8]} == set(range(8))  # any first 8 episodes already span the 8 positions
+    few = S.episode_plan(S.SimplerConfig(backend="maniskill3", tasks=(task,), episodes=4))
+    assert len({S.ms3_grid_cell(task, s.reset_options["episode_id"])[0] for s in few}) == 4
+    # the other three tasks: ids 0-23 already cover their whole grid, unchanged
+    for other in ("widowx_spoon_on_towel", "widowx_carrot_on_plate", "widowx_stack_cube"):
+        specs = S.episode_plan(S.SimplerConfig(backend="maniskill3", tasks=(other,)))
+        ids = [s.reset_options["episode_id"] for s in specs]
+        assert ids == list(range(24))
+        n_pos, n_quat, _ = S.MS3_GRIDS[other]
+        assert len({S.ms3_grid_cell(other, i) for i in ids}) == n_pos * n_quat == 24
+
+
+# ------------------------------------------------------------------------------- state availability
+class StateConditioned(ZeroPolicy):
+    """A STAND-IN for a state-conditioned VLA (the real one needs a trained model): it declares uses_state."""
+
+    uses_state = True
+
+
+def test_adapter_without_simulator_backends_say_which_tasks_have_state():
+    assert not S.has_state("google_robot_open_close_drawer", "simpler_env")
+    assert S.has_state("google_robot_pick_coke_can", "simpler_env") and S.has_state("widowx_stack_cube", "simpler")
+    assert not any(S.has_state(t, "maniskill3") for t in S.WIDOWX_TASKS)
+    from refinevla import sim
+    from refinevla.backends import uses_state
+
+    assert sim.has_state("lift")
+    assert uses_state(StateConditioned()) and not uses_state(ZeroPolicy())
+    vla_like = types.SimpleNamespace(tok=types.SimpleNamespace(state_ids=[5, 6]))  # a VLA's prompt has state bins
+    assert uses_state(vla_like) and uses_state(types.SimpleNamespace(vla=vla_like))  # the oracle wraps one
+
+
+def test_adapter_without_simulator_state_conditioned_policy_is_refused_without_state(tmp_path):
+    built = []
+    cfg = S.SimplerConfig(backend="maniskill3", tasks=("widowx_spoon_on_towel",), episodes=2)
+    with pytest.raises(S.StateUnavailableError, match="no end-effector state") as info:
+        S.run_simpler(StateConditioned(), cfg, tmp_path, make_env=lambda spec: built.append(spec))
+    assert "maniskill3" in str(info.value) and "\n" not in str(info.value)
+    assert built == [] and (tmp_path / "episodes.jsonl").read_text() == ""  # refused before any episode
+    # the same policy on a SimplerEnv task with state runs; a policy that ignores state runs anywhere
+    S.run_simpler(StateConditioned(), S.SimplerConfig(tasks=("widowx_carrot_on_plate",), episodes=1),
+                  tmp_path / "ok", make_env=StandInSimplerEnv)
+    records = S.run_simpler(ZeroPolicy(), cfg, tmp_path / "zero", make_env=StandInManiSkill3Env)
+    assert len(records) == 2 and all(r["error"] is None for r in records)
+
+
+def test_adapter_without_simulator_run_config_reaches_every_setting(monkeypatch, tmp_path):
+    """Every SimplerConfig field is set from the run's EvaluateConfig; evaluate() runs SimplerEnv's protocol for
+    the simpler_env / maniskill3 backends (here it stops at the missing simulator, before writing a record)."""
+    import dataclasses
+
+    from refinevla import evaluate as ev
+    from refinevla.config import EvaluateConfig
+
+    changed = dict(simpler_settings=["visual_matching"], simpler_env_mode="prepackaged", simpler_sticky_repeat=10,
+                   simpler_sticky_update="on_trigger", simpler_action_scale=0.5, simpler_stop_on_success=True,
+                   simpler_reuse_env=True, simpler_seed=7, simpler_asset_dir="/data/simpler", ms3_sim_backend="gpu",
+                   ms3_render_backend="gpu", retry_errors=True, image_size=224, episodes_per_task=3, videos=False)
+    ecfg = EvaluateConfig(backend="simpler", tasks=["widowx_carrot_on_plate"], **changed)
+    scfg = S.SimplerConfig.from_evaluate(ecfg)
+    default = S.SimplerConfig()
+    for f in dataclasses.fields(S.SimplerConfig):
+        if f.name not in ("backend", "tasks", "videos"):
+            assert getattr(scfg, f.name) != getattr(default, f.name), f.name  # every setting reached
+    assert scfg.backend == "simpler_env" and scfg.tasks == ("widowx_carrot_on_plate",) and scfg.sticky_repeat == 10
+    monkeypatch.setitem(sys.modules, "mani_skill", None)
+    with pytest.raises(S.SimulatorNotInstalledError, match="mani-skill"):
+        ev.evaluate(ZeroPolicy, EvaluateConfig(backend="maniskill3", tasks=["widowx_stack_cube"], progress=False),
+                    tmp_path)
+    assert not (tmp_path / "episodes.jsonl").exists() or not (tmp_path / "episodes.jsonl").read_text()

@@ -1,0 +1,163 @@
+"""Episode records: the one format every evaluation backend writes, its JSONL file, and the summary tables.
+
+    records = read_records("data/run/evaluate/refinevla/seed0/episodes.jsonl")
+    summarise(records, split="in_distribution")     # per task: success rate, Wilson 95% interval, errors
+    compare_table({"baseline": s1, "refinevla": s2}, ci=True)
+
+A record is one JSON line per finished episode, appended and flushed as the episode ends:
+``{"task", "split", "seed", "success", "steps", "wall_s", "error", "policy_s"}`` (``error`` is null, or the
+message of the exception that ended the episode; a record written before splits existed has no "split" and counts
+as "in_distribution"). A backend adds its own columns after these (the SimplerEnv backend: ``setting``,
+``variant``, ``partial_success``, and no ``split``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .config import IN_DISTRIBUTION, SPLITS, VARIANT  # noqa: F401  (re-exported: the split names)
+
+RECORD_KEYS = ("task", "split", "seed", "success", "steps", "wall_s", "error")
+
+
+def record_key(record: dict) -> tuple[str, str, int]:
+    """(task, split, seed) of a record (one written before splits existed is in_distribution)."""
+    return record["task"], record.get("split") or IN_DISTRIBUTION, int(record["seed"])
+
+
+def error_text(e: BaseException) -> str:
+    """How an exception that ended an episode is recorded."""
+    return f"{type(e).__name__}: {e}"
+
+
+# -----------------------------------------------------------------------------
+# the file
+
+
+def read_records(path) -> list[dict]:
+    """Episode records of an ``episodes.jsonl`` (missing file = none; a torn last line is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: that episode runs again
+    return records
+
+
+def append_record(fh, record: dict) -> None:
+    """Append one record to an open episodes.jsonl and make it durable before the next episode starts."""
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def is_torn(path: Path) -> bool:
+    """True when the file's last line was cut short (no final newline), e.g. by a kill mid-write."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
+def rewrite_records(path: Path, records: list[dict]) -> None:
+    """Replace the file's content with these whole records (after dropping errored or torn ones)."""
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
+def resume_records(path: Path, retry_errors: bool) -> list[dict]:
+    """The records a resumed run keeps: every whole one, less the errored ones with ``retry_errors``; the file is
+    rewritten when something was dropped, so that appended lines start on a fresh line."""
+    records = read_records(path)
+    if retry_errors:
+        records = [r for r in records if not r.get("error")]
+    if retry_errors or is_torn(path):
+        rewrite_records(path, records)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (sound at k = 0 or k = n, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarise(records, tasks=None, split: str | None = None) -> pd.DataFrame:
+    """One row per task (in ``tasks`` order, else first-seen order) and an "average" row.
+
+    Columns: success_rate, successes, n, ci_low, ci_high (Wilson 95%), errors, and partial_rate where the backend
+    records a ``partial_success`` (the SimplerEnv grasp). The average row is the mean of the per-task rates (how
+    the paper's tables average); its interval is Wilson's on the pooled counts.
+    ``split``: only the records of this split (a record without "split" is in_distribution); None: all records.
+    """
+    records = list(records)
+    if split is not None:
+        records = [r for r in records if (r.get("split") or IN_DISTRIBUTION) == split]
+    df = pd.DataFrame(records, columns=list(RECORD_KEYS) + ["partial_success"])
+    partial = df["partial_success"].notna().any()
+    if tasks is None:
+        tasks = list(dict.fromkeys(df["task"]))
+    rows = {}
+    for task in tasks:
+        sub = df[df["task"] == task]
+        k, n = int(sub["success"].astype(bool).sum()), len(sub)
+        rows[task] = _row(k, n, k / n if n else float("nan"), int(sub["error"].notna().sum()))
+        if partial:
+            known = sub["partial_success"].dropna().astype(bool)
+            rows[task]["partial_rate"] = float(known.mean()) if len(known) else float("nan")
+    per_task = pd.DataFrame.from_dict(rows, orient="index")
+    k, n = int(per_task["successes"].sum()) if rows else 0, int(per_task["n"].sum()) if rows else 0
+    mean_rate = float(per_task["success_rate"].mean()) if rows else float("nan")
+    rows["average"] = _row(k, n, mean_rate, int(per_task["errors"].sum()) if rows else 0)
+    if partial:
+        rows["average"]["partial_rate"] = float(per_task["partial_rate"].mean()) if rows else float("nan")
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "task"
+    return out
+
+
+def _row(k: int, n: int, rate: float, errors: int) -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"success_rate": rate, "successes": k, "n": n, "ci_low": lo, "ci_high": hi, "errors": errors}
+
+
+def compare_table(summaries: dict, ci: bool = False) -> pd.DataFrame:
+    """The paper's table shape: one row per task (+ average), one column per model.
+
+    ``summaries`` maps a model name to its :func:`summarise` frame. Cells are success rates in [0, 1], or with
+    ``ci`` strings such as ``"57.5% [42.2, 71.5]"``. A task a model was not evaluated on is NaN / "".
+    """
+    if not summaries:
+        raise ValueError("compare_table needs at least one model summary")
+    tasks = list(dict.fromkeys(t for s in summaries.values() for t in s.index if t != "average")) + ["average"]
+    table = pd.DataFrame(index=pd.Index(tasks, name="task"))
+    for model, s in summaries.items():
+        if ci:
+            table[model] = [_cell(s.loc[t]) if t in s.index else "" for t in tasks]
+        else:
+            table[model] = [float(s.loc[t, "success_rate"]) if t in s.index else float("nan") for t in tasks]
+    return table
+
+
+def _cell(row) -> str:
+    return f"{100 * row['success_rate']:.1f}% [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
