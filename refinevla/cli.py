@@ -2,17 +2,39 @@
 
 Examples:
     refinevla book                          # the embedded default, ending with the built book
-    refinevla book --preset smoke -p lambda_reason 0.5
+    refinevla book --preset smoke -p lambda_reason 0.25
     refinevla train --preset default -p refinevla.steps 400
+    refinevla train --help                  # the keys `train` reads, their defaults and what they accept
+    refinevla evaluate --force evaluate     # evaluate again although nothing changed
     refinevla annotate -p teacher http -p base_url http://localhost:8000/v1 -p teacher_model my-vlm
     refinevla config --preset paper         # print the resolved config
+
+A bad value is refused in one line naming the key, the value and what is allowed (exit status 2), before any
+stage deletes or writes anything; a stage whose input was made under another config says which stage to run
+first (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 import yaml
+
+from .config import SECTIONS as ALL_SECTIONS
+
+#: the config sections each command reads (its --help lists their keys, generated from the config dataclasses)
+COMMANDS = {
+    "data": (("data",), "record the demonstrations (fine-tuning set; pre-training mixture at the tiny scale)"),
+    "annotate": (("annotate",), "the teacher writes a rationale for every kept frame"),
+    "train": (("model", "pretrain", "baseline", "refinevla", "study"),
+              "pre-train the tiny base, then every fine-tune of the study"),
+    "evaluate": (("evaluate", "study"), "closed-loop evaluation of every arm, seed and split"),
+    "attention": (("attention",), "attention maps and the attention-on-target score"),
+    "all": (ALL_SECTIONS, "every stage in order: data, annotate, train, evaluate, attention"),
+    "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
+    "config": (ALL_SECTIONS, "print the resolved config"),
+}
 
 
 def _params(pairs) -> dict:
@@ -28,19 +50,54 @@ def _config(args):
     return resolve(args.preset, overrides)
 
 
-def main(argv=None) -> int:
+def keys_help(sections) -> str:
+    """The keys of ``sections`` with their defaults and descriptions, from the config dataclasses."""
+    from .config import describe_keys
+
+    lines = ["keys it reads (-p KEY VALUE; defaults before the preset, which changes a few):"]
+    for key, default, text in describe_keys(sections):
+        lines.append(f"  {key} = {default!r}")
+        lines += textwrap.wrap(text, 110, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import FORCE_NAMES
+
     parser = argparse.ArgumentParser(prog="refinevla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["data", "annotate", "train", "evaluate", "attention", "all", "book",
-                                            "config"])
-    parser.add_argument("--preset", default="default", help="smoke | default | paper (refinevla/presets/)")
-    parser.add_argument("--run", default="", help="run folder name under data/ (default: the preset's name)")
-    parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                        help="override a config key (alias like lambda_reason, or section.field)")
-    parser.add_argument("--force", action="store_true", help="book: re-run every notebook")
-    parser.add_argument("--only", nargs="*", help="book: run only these notebooks (e.g. 04_evaluate)")
-    parser.add_argument("--no-build", action="store_true", help="book: run the notebooks, skip jupyter-book")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", default="default", help="smoke | default | study | paper (refinevla/presets/)")
+    common.add_argument("--run", default="", help="run folder name under data/ (default: the preset's name)")
+    common.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="override a config key (an alias like lambda_reason, or section.field; see below)")
+    for name, (sections, text) in COMMANDS.items():
+        sub = commands.add_parser(name, parents=[common], help=text, description=text, epilog=keys_help(sections),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "book":
+            sub.add_argument("--force", action="store_true", help="re-run every notebook")
+            sub.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_evaluate)")
+            sub.add_argument("--no-build", action="store_true", help="run the notebooks, skip jupyter-book")
+        elif name != "config":
+            sub.add_argument("--force", action="append", choices=FORCE_NAMES, default=[], metavar="STAGE",
+                             help="re-run STAGE from scratch even when its marker matches (repeatable; one of "
+                                  f"{', '.join(FORCE_NAMES)}; train = pretrain + finetune)")
+    return parser
+
+
+def _fail(command: str, error: BaseException, status: int) -> int:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    print(f"refinevla {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _config(args)  # every key and value is checked before anything runs
+    except (ValueError, KeyError, TypeError) as error:
+        return _fail(args.command, error, 2)
 
     if args.command == "book":
         from .book import build_book, run_notebooks
@@ -49,7 +106,6 @@ def main(argv=None) -> int:
         params, dotted = {}, {}
         for key, value in _params(args.param).items():
             (params if key in ALIASES else dotted)[key] = value
-        _config(args)  # validate every key before spending minutes
         params = {k: yaml.safe_load(v) for k, v in params.items()}
         if dotted:
             params["overrides"] = dotted
@@ -59,19 +115,24 @@ def main(argv=None) -> int:
             index = build_book(run)
             print(f"\nThe book: {index}")
         return 0
-
-    from . import pipeline
-
-    cfg = _config(args)
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    if args.command == "all":
-        pipeline.run_all(cfg)
-    else:
-        result = pipeline.STAGES[args.command](cfg)
-        if hasattr(result, "to_string"):
-            print(result.to_string())
+
+    from . import pipeline
+    from .config import ConfigError
+
+    try:
+        if args.command == "all":
+            pipeline.run_all(cfg, force=args.force)
+        else:
+            result = pipeline.STAGES[args.command](cfg, force=args.force)
+            if hasattr(result, "to_string"):
+                print(result.to_string())
+    except ConfigError as error:
+        return _fail(args.command, error, 2)
+    except pipeline.StaleInputError as error:
+        return _fail(args.command, error, 1)
     return 0
 
 

@@ -3,58 +3,65 @@
     data (fine-tuning set, pre-training mixture) -> annotate -> train (pretrain; every arm x seed)
          -> evaluate (every arm x seed x split) -> attention -> book
 
-A stage writes ``_done.json`` last; its hash covers the stage's config and the markers of its inputs, so
-a stage whose config and inputs did not change is skipped, and changing, say, ``lambda_reason`` re-runs
-the ReFineVLA fine-tune and everything downstream of it, nothing else. Inside a stage, work is written
-incrementally (episodes, checkpoints, annotation cache), so a killed stage resumes where it stopped.
+A stage writes ``_done.json`` last; its key covers the stage's config, the markers of its inputs and the code it
+runs (refinevla.markers), so a stage whose config, inputs and code did not change is skipped, and changing, say,
+``lambda_reason`` re-runs the ReFineVLA fine-tunes and everything downstream of them, nothing else. A finished
+stage with the same key in another run folder under the same root is copied instead of recomputed.
+``force`` (``refinevla <stage> --force STAGE``; names in ``FORCE_NAMES``) re-runs a stage from scratch whatever
+its marker says; stages downstream of it re-run only if their key changes (force them too, or ``--force all``).
+
+Before a stage deletes or writes anything it validates the whole config (``config.validate``) and checks that
+each input is the one the current config makes (its marker holds the key the current config expects): an
+evaluation refuses a model trained under another config, in one line naming the keys that differ
+(``StaleInputError``). Inside a stage, work is written incrementally (episodes, checkpoints, annotation cache),
+so a killed stage resumes where it stopped. Under ``accelerate launch`` only the main process writes; the others
+take part in training and wait for the markers of the rest.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 
-from .config import RunConfig, config_hash
+from . import markers
+from .config import RunConfig
+from .markers import (StaleInputError, is_done, is_main, mark_done, read_marker, require_current,  # noqa: F401
+                      stage_key, start_stage)
 
 VARIANTS = ("baseline", "refinevla")  # the main arms: fine-tuned on every study seed
 BASE = "base"        # the pre-trained base, evaluated without fine-tuning
 ORACLE = "oracle"    # ReFineVLA acting after the privileged teacher's rationale (robosuite only)
+#: what ``force`` may name: a stage, "pretrain" / "finetune" (the two halves of train), or "all"
+#: the config sections a model's training reads (what a refusal to use a stale model compares)
+MODEL_SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "study")
+FORCE_NAMES = ("data", "annotate", "pretrain", "finetune", "train", "evaluate", "attention", "all")
 
 
-# -------------------------------------------------------------------------------------- markers
-def read_marker(stage_dir: Path) -> dict | None:
-    path = Path(stage_dir) / "_done.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def stage_key(section_cfgs, inputs=()) -> str:
-    """Hash of a stage's config sections and of its input stages' markers."""
-    upstream = [(read_marker(d) or {}).get("hash", "missing") for d in inputs]
-    return config_hash(*section_cfgs, *upstream)
-
-
-def is_done(stage_dir: Path, key: str) -> bool:
-    marker = read_marker(stage_dir)
-    return marker is not None and marker.get("hash") == key
-
-
-def mark_done(stage_dir: Path, key: str, cfg: RunConfig, started: float, **extra) -> None:
-    """Save the run config beside the outputs, then the marker (atomically, last)."""
-    import os
-
-    stage_dir = Path(stage_dir)
-    cfg.save(stage_dir / "config.yaml")
-    marker = dict(hash=key, finished=time.strftime("%Y-%m-%d %H:%M:%S"), wall_s=round(time.time() - started, 1),
-                  **extra)
-    tmp = stage_dir / "_done.json.tmp"
-    tmp.write_text(json.dumps(marker, indent=1))
-    os.replace(tmp, stage_dir / "_done.json")
-
-
+# ------------------------------------------------------------------------------------- plumbing
 def _clear_marker(stage_dir: Path) -> None:
-    (Path(stage_dir) / "_done.json").unlink(missing_ok=True)
+    markers.clear_marker(stage_dir)
+
+
+def _forced(force, name: str) -> bool:
+    force = set(force or ())
+    unknown = force - set(FORCE_NAMES)
+    if unknown:
+        raise ValueError(f"force={sorted(unknown)}: expected stage names from {list(FORCE_NAMES)}")
+    return bool(force & {name, "all"} or (name in ("pretrain", "finetune") and "train" in force))
+
+
+def _validate(cfg: RunConfig) -> None:
+    """The whole config is checked before a stage deletes or writes anything (config.validate)."""
+    from . import config
+
+    check = getattr(config, "validate", None)
+    if check is not None:
+        check(cfg)
+
+
+def _fix(cfg: RunConfig, command: str) -> str:
+    return f"run `refinevla {command} --run {cfg.name}` first (with this config)"
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -62,49 +69,71 @@ def demos_dir(cfg: RunConfig) -> Path:
     return cfg.stage_dir("demos")
 
 
-def run_data(cfg: RunConfig):
+def _pretrain_data_key(cfg: RunConfig) -> str:
+    return stage_key([{k: getattr(cfg.data, k) for k in ("pretrain_mix", "image_size", "seed", "camera")}],
+                     code="data")
+
+
+def _data_key(cfg: RunConfig) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("pretrain_mix", "workers")}
+    return stage_key([fields], code="data")
+
+
+def _has_pretrain_mixture(cfg: RunConfig) -> bool:
+    return cfg.data.source == "robosuite" and not cfg.model.checkpoint
+
+
+def run_data(cfg: RunConfig, force=()):
     """Demonstrations: the fine-tuning set (robosuite experts or a LeRobot subset) -> demos/dataset, and at the tiny
     scale the pre-training mixture -> demos_pretrain/dataset (its own seeds and tasks, no target masks)."""
     from .data import generate_demos, load_dataset_dir, load_source
 
-    if cfg.data.source == "robosuite" and not cfg.model.checkpoint:
-        out = cfg.stage_dir("demos_pretrain")
-        key = stage_key([{k: getattr(cfg.data, k) for k in ("pretrain_mix", "image_size", "seed", "camera")}])
-        if is_done(out, key):
-            print(f"data (pre-training mixture): up to date in {out}")
-        else:
-            _clear_marker(out)
+    _validate(cfg)
+    forced, entered = _forced(force, "data"), time.time()
+    if _has_pretrain_mixture(cfg):
+        out, key = cfg.stage_dir("demos_pretrain"), _pretrain_data_key(cfg)
+        if not markers.ready(cfg.run_dir, out, key, forced, "data (pre-training mixture)") and not markers.others_wait(out, key, forced,
+                                                                                                 entered):
+            start_stage(out, key, partial=(), fresh=forced)
             started = time.time()
             ds = generate_demos(cfg.data, out, pretrain=True)
             mark_done(out, key, cfg, started, rows=len(ds))
-    out = demos_dir(cfg)
-    key = stage_key([{k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("pretrain_mix", "workers")}])
-    if is_done(out, key):
-        print(f"data: up to date in {out}")
+    out, key = demos_dir(cfg), _data_key(cfg)
+    if markers.ready(cfg.run_dir, out, key, forced, "data") or markers.others_wait(out, key, forced, entered):
         return load_dataset_dir(out / "dataset")
-    _clear_marker(out)
+    start_stage(out, key, partial=(), fresh=forced)
     started = time.time()
     ds = load_source(cfg.data, out)
     mark_done(out, key, cfg, started, rows=len(ds))
     return ds
 
 
-def run_annotate(cfg: RunConfig):
+def _annotate_config(cfg: RunConfig):
+    return dataclasses.replace(cfg.annotate, data_root=cfg.root)  # the teacher's cache lives under the run root
+
+
+def _annotate_key(cfg: RunConfig) -> str:
+    section = {k: v for k, v in dataclasses.asdict(cfg.annotate).items() if k != "data_root"}
+    return stage_key([section], [demos_dir(cfg)], code="annotate")
+
+
+def run_annotate(cfg: RunConfig, force=()):
     """The teacher writes a rationale for every kept frame -> annotate/dataset."""
     from .data import load_dataset_dir
     from .teacher import annotate
 
-    out, src = cfg.stage_dir("annotate"), demos_dir(cfg)
-    key = stage_key([cfg.annotate], [src])
-    if is_done(out, key):
-        print(f"annotate: up to date in {out}")
+    _validate(cfg)
+    forced, entered = _forced(force, "annotate"), time.time()
+    out, src, key = cfg.stage_dir("annotate"), demos_dir(cfg), _annotate_key(cfg)
+    require_current(cfg, src, _data_key(cfg), "annotate", _fix(cfg, "data"), ("data",))  # inputs first, always
+    if markers.ready(cfg.run_dir, out, key, forced, "annotate") or markers.others_wait(out, key, forced, entered):
         return load_dataset_dir(out / "dataset")
-    _clear_marker(out)
+    acfg = _annotate_config(cfg)
+    if acfg.dry_run:  # the estimate is printed, nothing is sent or written
+        return annotate(load_dataset_dir(src / "dataset"), acfg, out)
+    start_stage(out, key, partial=(), fresh=forced)
     started = time.time()
-    cfg.annotate.data_root = cfg.root
-    ds = annotate(load_dataset_dir(src / "dataset"), cfg.annotate, out)
-    if ds is None:  # a dry run: the estimate was printed, nothing was sent or written
-        return None
+    ds = annotate(load_dataset_dir(src / "dataset"), acfg, out)
     mark_done(out, key, cfg, started, rows=len(ds))
     return ds
 
@@ -114,7 +143,19 @@ def base_model_dir(cfg: RunConfig) -> Path | str:
     return cfg.model.checkpoint or cfg.stage_dir("train", "pretrain", "model")
 
 
-def run_pretrain(cfg: RunConfig) -> Path | str:
+def _pretrain_inputs(cfg: RunConfig) -> tuple[Path, Path]:
+    """(frames it trains on, the annotated fine-tuning set): the mixture at the robosuite scale; a LeRobot source
+    has no simulator mixture, so the tiny base is then pre-trained on the fine-tuning set's own frames."""
+    target = cfg.stage_dir("annotate")
+    return (cfg.stage_dir("demos_pretrain") if cfg.data.source == "robosuite" else target), target
+
+
+def _pretrain_key(cfg: RunConfig) -> str:
+    return stage_key([cfg.model.size, cfg.model.action_chunk, cfg.pretrain, cfg.data.heldout_every],
+                     list(_pretrain_inputs(cfg)), code="train")
+
+
+def run_pretrain(cfg: RunConfig, force=()) -> Path | str:
     """Tiny scale only: pre-train the tiny PaliGemma action-only on the pre-training mixture (our stand-in for a
     VLA pre-trained on Open X-Embodiment); its held-out loss is scored on the fine-tuning set's held-out episodes.
     A LeRobot source has no simulator mixture: the tiny base is then pre-trained on the fine-tuning set's training
@@ -122,17 +163,21 @@ def run_pretrain(cfg: RunConfig) -> Path | str:
     from .data import load_dataset_dir
     from .train import pretrain_base, split_heldout
 
+    _validate(cfg)
     if cfg.model.checkpoint:
         print(f"pretrain: using the pre-trained checkpoint {cfg.model.checkpoint}")
         return cfg.model.checkpoint
-    out, src, target = cfg.stage_dir("train", "pretrain"), cfg.stage_dir("demos_pretrain"), cfg.stage_dir("annotate")
-    if cfg.data.source != "robosuite":  # no simulator mixture for a LeRobot source: pre-train on its own frames
-        src = target
-    key = stage_key([cfg.model.size, cfg.model.action_chunk, cfg.pretrain, cfg.data.heldout_every], [src, target])
-    if is_done(out, key):
-        print(f"pretrain: up to date in {out}")
+    forced, entered = _forced(force, "pretrain"), time.time()
+    out, key = cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg)
+    src, target = _pretrain_inputs(cfg)
+    if src != target:
+        require_current(cfg, src, _pretrain_data_key(cfg), "pretrain", _fix(cfg, "data"), ("data",))
+    require_current(cfg, target, _annotate_key(cfg), "pretrain", _fix(cfg, "annotate"), ("data", "annotate"))
+    ready = markers.ready(cfg.run_dir, out, key, forced, "pretrain")
+    markers.sync()  # every process decides alike (the main one may have copied the stage from another run)
+    if ready or (not is_main() and not forced and is_done(out, key)):
         return out / "model"
-    start_stage(out, key)
+    start_stage(out, key, fresh=forced, collective=True)
     started = time.time()
     annotated = load_dataset_dir(target / "dataset")
     texts = list(dict.fromkeys(list(annotated["instruction"]) + list(annotated["rationale_text"])))
@@ -140,6 +185,7 @@ def run_pretrain(cfg: RunConfig) -> Path | str:
     path = pretrain_base(frames, cfg.model, cfg.pretrain, out, texts=texts,
                          heldout=split_heldout(annotated, cfg.data.heldout_every)[1])
     mark_done(out, key, cfg, started)
+    markers.others_wait(out, key, forced, entered)  # the main process saves the model after the last step
     return path
 
 
@@ -154,8 +200,8 @@ def trained_arms(cfg: RunConfig) -> list[tuple[str, int]]:
 
 def arm_configs(cfg: RunConfig, arm: str, seed: int):
     """(TrainConfig, ModelConfig) of one arm and seed: the main arm's section, or an extra arm's changes on top of
-    the arm it comes from; the seed sets adapter initialisation and data order."""
-    from .config import _coerce
+    the arm it comes from (config.arm_configs); the seed sets adapter initialisation and data order."""
+    from .config import arm_configs as with_changes
 
     if arm in VARIANTS:
         spec = {"from": arm}
@@ -163,74 +209,53 @@ def arm_configs(cfg: RunConfig, arm: str, seed: int):
         spec = dict(cfg.study.arms[arm])
     else:
         raise ValueError(f"unknown arm {arm!r}; the study trains {list(VARIANTS) + list(cfg.study.arms)}")
-    tcfg = dataclasses.replace(getattr(cfg, spec.pop("from", "refinevla")), variant=arm, seed=seed)
-    mcfg = dataclasses.replace(cfg.model)
-    for key, value in spec.items():
-        target, name = (mcfg, key[len("model."):]) if key.startswith("model.") else (tcfg, key)
-        if not hasattr(target, name):
-            raise ValueError(f"study.arms.{arm}: unknown key {key!r}")
-        setattr(target, name, _coerce(getattr(target, name), value))
-    tcfg.__post_init__()
-    mcfg.__post_init__()
-    return tcfg, mcfg
+    tcfg, mcfg = with_changes(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{arm}")
+    return dataclasses.replace(tcfg, variant=arm, seed=seed), mcfg
 
 
 def train_dir(cfg: RunConfig, arm: str, seed: int) -> Path:
     return cfg.stage_dir("train", arm, f"seed{seed}")
 
 
-def run_finetune(cfg: RunConfig, arm: str, seed: int | None = None) -> Path:
+def _finetune_key(cfg: RunConfig, arm: str, seed: int) -> str:
+    tcfg, mcfg = arm_configs(cfg, arm, seed)
+    inputs = [cfg.stage_dir("annotate")] + ([cfg.stage_dir("train", "pretrain")] if not cfg.model.checkpoint else [])
+    return stage_key([mcfg, tcfg, cfg.model.checkpoint or "pretrain", cfg.data.heldout_every], inputs, code="train")
+
+
+def run_finetune(cfg: RunConfig, arm: str, seed: int | None = None, force=()) -> Path:
     """One fine-tune of ``arm`` from the base with ``seed`` (default: the first study seed)."""
     from .data import load_dataset_dir
     from .schema import BASE_COLUMNS
     from .train import finetune
 
+    _validate(cfg)
     seed = cfg.study.seeds[0] if seed is None else seed
     tcfg, mcfg = arm_configs(cfg, arm, seed)
-    base = base_model_dir(cfg)
-    out, src = train_dir(cfg, arm, seed), cfg.stage_dir("annotate")
-    key = _finetune_key(cfg, arm, seed)
-    if is_done(out, key):
-        print(f"{arm} seed {seed}: up to date in {out}")
+    forced, entered = _forced(force, "finetune"), time.time()
+    out, src, key = train_dir(cfg, arm, seed), cfg.stage_dir("annotate"), _finetune_key(cfg, arm, seed)
+    _require_finetune_inputs(cfg, f"{arm} seed {seed}")
+    if markers.ready(cfg.run_dir, out, key, forced, f"{arm} seed {seed}"):
         return out / "model"
-    start_stage(out, key)
+    start_stage(out, key, fresh=forced, collective=True)
     started = time.time()
     required = BASE_COLUMNS + (("rationale_text", "rationale") if tcfg.use_rationale else ())
-    path = finetune(load_dataset_dir(src / "dataset", required), base, mcfg, tcfg, out, cfg.data.heldout_every)
+    path = finetune(load_dataset_dir(src / "dataset", required), base_model_dir(cfg), mcfg, tcfg, out,
+                    cfg.data.heldout_every)
     mark_done(out, key, cfg, started)
+    markers.others_wait(out, key, forced, entered)
     return path
 
 
-def _finetune_key(cfg: RunConfig, arm: str, seed: int) -> str:
-    tcfg, mcfg = arm_configs(cfg, arm, seed)
-    inputs = [cfg.stage_dir("annotate")] + ([cfg.stage_dir("train", "pretrain")] if not cfg.model.checkpoint else [])
-    return stage_key([mcfg, tcfg, str(base_model_dir(cfg)), cfg.data.heldout_every], inputs)
+def _require_finetune_inputs(cfg: RunConfig, what: str) -> None:
+    require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), what, _fix(cfg, "annotate"),
+                    ("data", "annotate"))
+    if not cfg.model.checkpoint:
+        require_current(cfg, cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg), what, _fix(cfg, "train"),
+                        ("model", "pretrain"))
 
 
-def start_stage(out: Path, key: str, partial=("ckpt", "metrics.jsonl")) -> None:
-    """Before (re)starting a resumable stage: its partial outputs (checkpoints and metrics of a training stage,
-    the episodes of an evaluation) are resumed only if they were written under the same key (config +
-    inputs); those of another config are deleted, never resumed."""
-    import shutil
-
-    _clear_marker(out)
-    if _stale_checkpoint(out, key):
-        for name in partial:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "_key").write_text(key)
-
-
-def _stale_checkpoint(out: Path, key: str) -> bool:
-    key_file = out / "_key"
-    return not key_file.exists() or key_file.read_text().strip() != key
-
-
-def run_train(cfg: RunConfig) -> dict:
+def run_train(cfg: RunConfig, force=()) -> dict:
     """Pre-train (tiny scale), then every fine-tune of the study; returns {(arm, seed): model folder}.
 
     On a CPU the fine-tunes run side by side in ``parallel_finetunes`` processes (one torch thread each: a
@@ -239,23 +264,35 @@ def run_train(cfg: RunConfig) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
-    run_pretrain(cfg)
+    _validate(cfg)
+    run_pretrain(cfg, force)
+    _require_finetune_inputs(cfg, "train")
     runs = trained_arms(cfg)
-    todo = [(arm, seed) for arm, seed in runs if not is_done(train_dir(cfg, arm, seed), _finetune_key(cfg, arm, seed))]
+    forced = _forced(force, "finetune")
+    todo = [(arm, seed) for arm, seed in runs
+            if not markers.ready(cfg.run_dir, train_dir(cfg, arm, seed), _finetune_key(cfg, arm, seed), forced, f"{arm} seed {seed}")]
+    markers.sync()  # every process trains the same list (the main one may have copied some from another run)
+    if not is_main() and not forced:
+        todo = [(a, s) for a, s in todo if not is_done(train_dir(cfg, a, s), _finetune_key(cfg, a, s))]
     workers = _parallel_finetunes(cfg, len(todo))
     if workers > 1:
         print(f"{len(todo)} fine-tunes, {workers} at a time")
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_one_thread) as pool:
-            for future in [pool.submit(run_finetune, cfg, arm, seed) for arm, seed in todo]:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker,
+                                 initargs=(markers.pinned_code_hashes(),)) as pool:
+            for future in [pool.submit(run_finetune, cfg, arm, seed, force) for arm, seed in todo]:
                 future.result()
-    return {(arm, seed): run_finetune(cfg, arm, seed) for arm, seed in runs}
+    else:
+        for arm, seed in todo:
+            run_finetune(cfg, arm, seed, force)
+    return {(arm, seed): train_dir(cfg, arm, seed) / "model" for arm, seed in runs}
 
 
-def _one_thread() -> None:
+def _worker(code_hashes: dict) -> None:
+    """A fine-tune worker: one torch thread, and the parent's code hashes (the keys of one run agree)."""
     import os
 
     os.environ["OMP_NUM_THREADS"] = "1"
+    markers.pin_code_hashes(code_hashes)
 
 
 def _parallel_finetunes(cfg: RunConfig, n: int) -> int:
@@ -263,26 +300,30 @@ def _parallel_finetunes(cfg: RunConfig, n: int) -> int:
 
     import torch
 
+    if markers.world_size() > 1:
+        return 1
     if cfg.study.parallel_finetunes:
         return max(1, min(cfg.study.parallel_finetunes, n))
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torch.cuda.is_available():
         return 1
     return max(1, min(os.cpu_count() or 1, n))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def policy_factory(model_dir, reasoning=None, threads=1, teacher_rationale=False):
+def policy_factory(model_dir, reasoning=None, threads=1, teacher_rationale=False, unnorm_key=""):
     """A picklable factory: each evaluation worker loads its own copy of the policy."""
     from .policy import load_policy
 
     return functools.partial(load_policy, str(model_dir), reasoning=reasoning, threads=threads,
-                             teacher_rationale=teacher_rationale)
+                             teacher_rationale=teacher_rationale, unnorm_key=unnorm_key)
 
 
 def evaluated_units(cfg: RunConfig) -> list[tuple[str, int]]:
     """Every (arm, train seed) the evaluate stage runs: the base (seed -1), every fine-tune, and the oracle on the
     ReFineVLA models of the first ``study.arm_seeds`` seeds."""
-    oracle = cfg.study.oracle and cfg.evaluate.backend not in SIMPLER_BACKENDS
+    from .backends import PROTOCOL_BACKENDS
+
+    oracle = cfg.study.oracle and cfg.evaluate.backend not in PROTOCOL_BACKENDS
     units = [(BASE, -1)] if cfg.study.base else []
     units += trained_arms(cfg)
     units += [(ORACLE, seed) for seed in cfg.study.seeds[:max(1, cfg.study.arm_seeds)]] if oracle else []
@@ -302,56 +343,84 @@ def _unit_model(cfg: RunConfig, arm: str, seed: int) -> tuple[Path, bool]:
     return train_dir(cfg, trained, seed) / "model", tcfg.reasons_at_inference and cfg.evaluate.reasoning
 
 
+def model_key(cfg: RunConfig, arm: str, seed: int) -> tuple[Path | None, str]:
+    """(stage folder, the key the current config expects its marker to hold) of the model a unit evaluates;
+    (None, checkpoint name) for a real checkpoint evaluated as the base."""
+    if arm == BASE:
+        if cfg.model.checkpoint:
+            return None, cfg.model.checkpoint
+        return cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg)
+    trained = "refinevla" if arm == ORACLE else arm
+    return train_dir(cfg, trained, seed), _finetune_key(cfg, trained, seed)
+
+
 def evaluate_key(cfg: RunConfig, arm: str, seed: int) -> str:
-    """The evaluation's key: its config, whether it reasons, the model's marker."""
+    """The evaluation's key: its config, whether it reasons, the model's marker, the evaluation code."""
     model_dir, reasoning = _unit_model(cfg, arm, seed)
     extra = ["teacher rationale"] if arm == ORACLE else []
-    return stage_key([cfg.evaluate, reasoning] + extra, [model_dir.parent])
+    folder, checkpoint = model_key(cfg, arm, seed)
+    inputs = [folder] if folder is not None else []
+    return stage_key([cfg.evaluate, reasoning] + extra + ([] if inputs else [checkpoint]), inputs, code="evaluate")
 
 
-def run_evaluate(cfg: RunConfig, units=None):
+def _require_model(cfg: RunConfig, arm: str, seed: int, stage: str = "evaluate") -> str:
+    """The training key of the model a unit evaluates, if it is the one the current config trains; else a
+    StaleInputError (nothing is deleted or evaluated)."""
+    folder, expected = model_key(cfg, arm, seed)
+    if folder is None:
+        return expected
+    return require_current(cfg, folder, expected, f"{stage} {arm} seed {seed}", _fix(cfg, "train"),
+                           MODEL_SECTIONS)["hash"]
+
+
+def run_evaluate(cfg: RunConfig, units=None, force=()):
     """Closed-loop evaluation of every unit on every split -> evaluate/<arm>/seed<k>/episodes.jsonl; then
     evaluate/records.csv (every episode, with its arm and train seed), success.csv (Wilson intervals per arm and
-    split) and paired.csv (each arm against the baseline on the same episodes). Returns the success table."""
+    split) and paired.csv (each arm against the baseline on the same episodes). Returns the success table.
+
+    Every unit's model is checked first (``_require_model``): a model whose training key is not the one the current
+    config gives is refused before any episode is deleted; each unit's marker records the key it evaluated."""
     import pandas as pd
 
     from .evaluate import evaluate, read_records, validate
     from .stats import comparison_table, success_table
 
-    if cfg.evaluate.backend not in SIMPLER_BACKENDS:
-        validate(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
+    _validate(cfg)
+    validate(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
+    forced, entered = _forced(force, "evaluate"), time.time()
+    units = list(units or evaluated_units(cfg))
+    trained_keys = {(arm, seed): _require_model(cfg, arm, seed) for arm, seed in units}
     frames, checks = [], []
-    for arm, seed in units or evaluated_units(cfg):
+    for arm, seed in units:
         out = evaluate_dir(cfg, arm, seed)
         model_dir, reasoning = _unit_model(cfg, arm, seed)
         key = evaluate_key(cfg, arm, seed)
-        if is_done(out, key):
-            print(f"evaluate {arm} seed {seed}: up to date in {out}")
-        else:
+        if not markers.ready(cfg.run_dir, out, key, forced, f"evaluate {arm} seed {seed}") and not markers.others_wait(out, key, forced,
+                                                                                                 entered):
             how = " (acts on the teacher's rationale)" if arm == ORACLE else \
                 " (writes its rationale before acting)" if reasoning else ""
             print(f"evaluate {arm} seed {seed}{how}")
-            start_stage(out, key, partial=("episodes.jsonl",))  # episodes of another model or config: deleted
+            start_stage(out, key, partial=("episodes.jsonl",), fresh=forced)  # another model's episodes: deleted
             started = time.time()
             if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale for unseen frames?
                 _rationale_check(cfg, model_dir, out)
-            factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE)
-            if cfg.evaluate.backend in SIMPLER_BACKENDS:
-                run_simpler_backend(factory, cfg.evaluate, out)
-            else:
-                evaluate(factory, cfg.evaluate, out)
-            mark_done(out, key, cfg, started)
+            factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE,
+                                     unnorm_key=cfg.model.unnorm_key)
+            evaluate(factory, cfg.evaluate, out)  # every backend: robosuite, SimplerEnv, ManiSkill3
+            mark_done(out, key, cfg, started, model=str(model_dir), model_key=trained_keys[(arm, seed)])
         records = pd.DataFrame(read_records(out / "episodes.jsonl"))
         if "split" not in records:
             records["split"] = "in_distribution"
         frames.append(records.assign(arm=arm, train_seed=seed))
         if (out / "rationale.csv").exists():
             checks.append(pd.read_csv(out / "rationale.csv").assign(arm=arm, train_seed=seed))
+    records = pd.concat(frames, ignore_index=True)
+    table = success_table(records)
+    if not is_main():
+        return table
     if checks:
         pd.concat(checks, ignore_index=True).to_csv(cfg.stage_dir("evaluate", "rationale_accuracy.csv"), index=False)
-    records = pd.concat(frames, ignore_index=True)
     records.to_csv(cfg.stage_dir("evaluate", "records.csv"), index=False)
-    table = success_table(records)
     table.to_csv(cfg.stage_dir("evaluate", "success.csv"), index=False)
     if "baseline" in set(records["arm"]):
         comparison_table(records, reference="baseline", base_arms=(BASE,)).to_csv(
@@ -371,64 +440,45 @@ def _rationale_check(cfg: RunConfig, model_dir: Path, out: Path) -> None:
                                                                                        index=False)
 
 
-SIMPLER_BACKENDS = {"simpler": "simpler_env", "simpler_env": "simpler_env", "maniskill3": "maniskill3"}
-
-
-def run_simpler_backend(factory, ecfg, out: Path):
-    """Paper scale: SimplerEnv's own protocol (every episode to the step limit, success at the last step)."""
-    from .simpler import SimplerConfig, run_simpler
-
-    scfg = SimplerConfig(backend=SIMPLER_BACKENDS[ecfg.backend], tasks=tuple(ecfg.tasks),
-                         episodes=ecfg.episodes_per_task, image_size=ecfg.image_size)
-    return run_simpler(factory, scfg, out)
-
-
-def run_attention(cfg: RunConfig):
-    """Attention maps and the attention-on-target score, baseline vs ReFineVLA (first seed) -> attention/."""
+def run_attention(cfg: RunConfig, force=()):
+    """Attention maps and the attention-on-target score, baseline vs ReFineVLA (first seed) -> attention/; the
+    models are checked like the evaluation's, and the marker records their training keys."""
     from .attention import run_attention as attention_stage
     from .data import load_dataset_dir
 
+    _validate(cfg)
+    if cfg.model.base != "paligemma":  # attention is read out of the PaliGemma-path models only (refinevla.bases)
+        print(f"attention: model.base={cfg.model.base} (a remote-code base): the attention stage reads PaliGemma-path "
+              "models only; skipped")
+        return None
+    forced, entered = _forced(force, "attention"), time.time()
     out, seed = cfg.stage_dir("attention"), cfg.study.seeds[0]
     inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, seed) for v in VARIANTS]
-    key = stage_key([cfg.attention], inputs)
-    if is_done(out, key):
+    key = stage_key([cfg.attention], inputs, code="attention")
+    require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), "attention", _fix(cfg, "annotate"),
+                    ("data", "annotate"))
+    trained_keys = {v: _require_model(cfg, v, seed, "attention") for v in VARIANTS}  # before "up to date"
+    if markers.ready(cfg.run_dir, out, key, forced, "attention") or markers.others_wait(out, key, forced, entered):
         import pandas as pd
-        print(f"attention: up to date in {out}")
         return pd.read_csv(out / "scores.csv")
-    _clear_marker(out)
+    start_stage(out, key, partial=(), fresh=forced)
     started = time.time()
     models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
     table = attention_stage(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
-    mark_done(out, key, cfg, started)
+    mark_done(out, key, cfg, started, model_keys=trained_keys)
     return table
 
 
-def stage_times(cfg: RunConfig) -> "pd.DataFrame":
-    """Wall time of every finished stage of the run (from its marker), in pipeline order."""
-    import pandas as pd
-
-    rows = []
-    for marker in sorted(cfg.run_dir.rglob("_done.json"), key=lambda p: p.stat().st_mtime):
-        m = json.loads(marker.read_text())
-        rows.append(dict(stage=str(marker.parent.relative_to(cfg.run_dir)), wall_s=m.get("wall_s"),
-                         finished=m.get("finished")))
-    table = pd.DataFrame(rows, columns=["stage", "wall_s", "finished"])
-    if table.empty:
-        return table
-    ends = pd.to_datetime(table["finished"])
-    first_start = (ends - pd.to_timedelta(table["wall_s"], unit="s")).min()
-    summary = [dict(stage="sum of the stages (fine-tunes run side by side, so this counts them twice)",
-                    wall_s=round(table["wall_s"].sum(), 1), finished=""),
-               dict(stage="wall clock, first stage start to last stage end",
-                    wall_s=round((ends.max() - first_start).total_seconds(), 1), finished="")]
-    return pd.concat([table, pd.DataFrame(summary)], ignore_index=True)
+def stage_times(cfg: RunConfig) -> "pd.DataFrame":  # noqa: F821
+    """Wall time of every stage of the run, in pipeline order (markers.stage_times)."""
+    return markers.stage_times(cfg.run_dir)
 
 
 STAGES = {"data": run_data, "annotate": run_annotate, "train": run_train, "evaluate": run_evaluate,
           "attention": run_attention}
 
 
-def run_all(cfg: RunConfig) -> None:
+def run_all(cfg: RunConfig, force=()) -> None:
     for name, fn in STAGES.items():
         print(f"== {name}")
-        fn(cfg)
+        fn(cfg, force=force)

@@ -19,11 +19,12 @@ def test_stage_key_follows_config_and_upstream_markers(tmp_path):
 
 
 def test_paper_backend_without_simulator_says_how_to_install(tmp_path):
-    from refinevla.simpler import SimulatorNotInstalledError
+    from refinevla.backends import SimulatorNotInstalledError
+    from refinevla.evaluate import evaluate
 
     cfg = config.resolve("paper")
     with pytest.raises(SimulatorNotInstalledError, match="SimplerEnv"):
-        pipeline.run_simpler_backend(lambda: None, cfg.evaluate, tmp_path)
+        evaluate(lambda: None, cfg.evaluate, tmp_path)  # the one harness sends the paper backend to SimplerEnv
 
 
 def test_pretrain_is_skipped_for_a_real_checkpoint():
@@ -70,7 +71,10 @@ def test_every_arm_is_evaluated_and_the_oracle_switch_leaves_the_others_alone(tm
 
 
 def test_a_bad_evaluation_config_is_refused_before_finished_episodes_are_deleted(tmp_path):
-    cfg = config.resolve("smoke", {"root": str(tmp_path), "eval_splits": "in_distribution,sideways"})
+    with pytest.raises(ValueError, match="sideways"):  # refused when the config is resolved ...
+        config.resolve("smoke", {"root": str(tmp_path), "eval_splits": "in_distribution,sideways"})
+    cfg = config.resolve("smoke", {"root": str(tmp_path)})
+    cfg.evaluate.splits = ["in_distribution", "sideways"]  # ... and by the stage, when set after resolving
     out = pipeline.evaluate_dir(cfg, "base", -1)
     out.mkdir(parents=True)
     (out / "episodes.jsonl").write_text('{"task": "pick_cube", "split": "in_distribution", "seed": 10000}\n')
