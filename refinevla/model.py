@@ -12,55 +12,12 @@ Weights are saved and loaded with safetensors only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-#: Size presets for the tiny model (image tokens = (image_size / patch_size) ** 2).
-SIZES = {
-    # ~2M parameters: the embedded default (trains in minutes on 2 CPU cores)
-    "tiny": dict(image_size=64, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
-                 text_hidden=128, text_layers=4, text_heads=4, kv_heads=1, head_dim=32, mlp=512),
-    # the embedded default: "tiny" with 16 px patches (16 image tokens instead of 64: a training step ~2x cheaper on
-    # 2 cores); the wrist camera shows the cube large, so the coarser grid still locates it
-    "tiny16": dict(image_size=64, patch_size=16, vision_hidden=128, vision_layers=3, vision_heads=4,
-                   text_hidden=128, text_layers=4, text_heads=4, kv_heads=1, head_dim=32, mlp=512),
-    # ~0.5M parameters: unit tests and the smoke preset
-    "micro": dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, vision_heads=2,
-                  text_hidden=64, text_layers=2, text_heads=2, kv_heads=1, head_dim=32, mlp=128),
-    # >= 50M parameters: the 4-bit memory benchmark
-    "bench50m": dict(image_size=64, patch_size=8, vision_hidden=256, vision_layers=2, vision_heads=4,
-                     text_hidden=768, text_layers=8, text_heads=8, kv_heads=1, head_dim=96, mlp=3072),
-}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class ModelConfig:
-    """What model to build or load and how to adapt it."""
-
-    size: str = "tiny"                # tiny-scale size preset (SIZES), used when building from scratch
-    checkpoint: str = ""              # a real checkpoint (local path or hub id) instead of a tiny model
-    quantization: str = "4bit"        # none | 8bit | 4bit, for the fine-tuning base
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    tune_top_k_layers: int = 2        # LoRA only on the top K decoder layers
-    attn_implementation: str = "eager"  # eager: attention maps can be read out
-    action_chunk: int = 1             # actions per decoded frame (SpatialVLA: 4); the tokenizer carries it
-
-    def __post_init__(self):
-        if not self.checkpoint and self.size not in SIZES:
-            raise ValueError(f"model.size={self.size!r} is not a known size preset; known: {sorted(SIZES)}")
-        if self.quantization not in ("none", "8bit", "4bit"):
-            raise ValueError(f"model.quantization={self.quantization!r}; expected none, 8bit or 4bit")
-        if self.action_chunk < 1:
-            raise ValueError(f"model.action_chunk={self.action_chunk} must be >= 1")
-        if self.tune_top_k_layers < 1:
-            raise ValueError(f"model.tune_top_k_layers={self.tune_top_k_layers} must be >= 1")
+from .config import LORA_TARGETS, SIZES, ModelConfig  # noqa: F401 - defined with the run config
 
 
 # ------------------------------------------------------------------------------------- building
@@ -193,7 +150,16 @@ def enable_gradient_checkpointing(model) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.disable_input_require_grads()
+    _drop_input_grad_hook(model)
+
+
+def _drop_input_grad_hook(model) -> None:
+    """``disable_input_require_grads``, also where no hook was registered (transformers 4.x then raises; the
+    remote-code bases of refinevla.bases run on 4.x)."""
+    try:
+        model.disable_input_require_grads()
+    except AttributeError:
+        pass
 
 
 def untie_policy_head(model) -> bool:
@@ -238,6 +204,11 @@ def resize_embeddings(model, vocab_size: int) -> bool:
     return True
 
 
+#: never adapted: the vision towers, projectors and depth model of PaliGemma, SpatialVLA and OpenVLA
+_FROZEN_MODULES = (r".*(vision_tower|multi_modal_projector|vision_zoe_model|position_embedding_3d|vision_backbone"
+                   r"|projector).*")
+
+
 def _module_name(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -269,11 +240,11 @@ def add_lora(model, cfg: ModelConfig, trainable_token_ids=None, gradient_checkpo
         token_indices = {head: sorted(int(t) for t in trainable_token_ids)}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), layers_to_transform=layers, layers_pattern="layers",
-                      exclude_modules=r".*(vision_tower|multi_modal_projector).*", bias="none",
+                      exclude_modules=_FROZEN_MODULES, bias="none",
                       trainable_token_indices=token_indices)
     peft_model = get_peft_model(model, lora)
     if gradient_checkpointing:  # peft hooks the input embeddings of a checkpointed unquantised base again
-        model.disable_input_require_grads()
+        _drop_input_grad_hook(model)
     return peft_model
 
 
@@ -324,7 +295,7 @@ def lora_layer_indices(model) -> list[int]:
 
     found = set()
     for name, _ in model.named_parameters():
-        m = re.search(r"language_model\.layers\.(\d+)\..*lora_", name)
+        m = re.search(r"language_model\.(?:model\.)?layers\.(\d+)\..*lora_", name)  # PaliGemma; Gemma 2 / Llama
         if m:
             found.add(int(m.group(1)))
     return sorted(found)
@@ -337,7 +308,8 @@ def num_image_tokens(model) -> int:
 
 
 def image_size(model) -> int:
-    return model.config.vision_config.image_size
+    """The input image size (a remote-code base's wrapper, refinevla.bases.RemoteVLA, states its own)."""
+    return getattr(model, "image_size_px", None) or model.config.vision_config.image_size
 
 
 def preprocess_images(images, size: int) -> torch.Tensor:

@@ -354,15 +354,41 @@ def load_vla(model_dir: str | Path, quantization: str | None = None, attn_implem
 
 
 def load_policy(model_dir: str | Path, reasoning: bool | None = None, threads: int | None = None,
-                teacher_rationale: bool = False, max_rationale_tokens: int = 96):
+                teacher_rationale: bool = False, max_rationale_tokens: int = 96, unnorm_key: str = ""):
     """A ready VLAPolicy; reasoning defaults to whether the model was trained to write its rationale before
-    acting. ``teacher_rationale``: act after the privileged teacher's rationale (TeacherRationalePolicy)."""
+    acting. ``teacher_rationale``: act after the privileged teacher's rationale (TeacherRationalePolicy).
+
+    A pre-trained VLA run by its own remote code (SpatialVLA, OpenVLA: ``refinevla.bases``) gives a RemotePolicy:
+    a fine-tune of one (its folder holds remote_base.json), or the base itself, zero-shot, when ``model_dir`` is its
+    checkpoint (local folder or hub id; ``unnorm_key``: the dataset statistics its actions are un-normalised with)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    remote = _remote_policy(model_dir, reasoning, teacher_rationale, max_rationale_tokens, unnorm_key)
+    if remote is not None:
+        return remote
     model, tok, meta = load_vla(model_dir)
     if reasoning is None:
         reasoning = bool(meta.get("reasons_at_inference", meta.get("use_rationale", False)))
     policy = VLAPolicy(model, tok, reasoning=reasoning, max_rationale_tokens=max_rationale_tokens)
     return TeacherRationalePolicy(policy) if teacher_rationale else policy
+
+
+def _remote_policy(model_dir, reasoning, teacher_rationale: bool, max_rationale_tokens: int, unnorm_key: str):
+    """The RemotePolicy of a remote-code base or of its fine-tune; None for the PaliGemma path."""
+    from .bases import RemoteBase, RemotePolicy, detect_kind, load_finetuned_remote, load_zero_shot
+
+    finetuned = RemoteBase.read(model_dir) is not None
+    if not finetuned and ((Path(model_dir) / "vla.json").exists() or detect_kind(model_dir) == "paligemma"):
+        return None
+    if teacher_rationale:
+        raise ValueError(f"teacher_rationale=True: the teacher-rationale oracle needs a PaliGemma-path model "
+                         f"(robosuite), not the remote-code base in {model_dir}")
+    if finetuned:
+        vla, meta = load_finetuned_remote(model_dir)
+        if reasoning is None:
+            reasoning = bool(meta.get("reasons_at_inference", meta.get("use_rationale", False)))
+    else:
+        vla = load_zero_shot(model_dir, unnorm_key=unnorm_key)
+    return RemotePolicy(vla, reasoning=bool(reasoning), max_rationale_tokens=max_rationale_tokens)

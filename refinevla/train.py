@@ -1,4 +1,5 @@
-"""Fine-tuning: sequences, the joint loss L = L_action + lambda * L_reasoning, the loop, checkpoints, resume.
+"""Fine-tuning: sequences, the joint loss L = L_action + lambda * L_reasoning, the loop (its checkpoints and resume:
+refinevla.checkpoints).
 
 Sequence layout (one row = one frame; k = the tokenizer's action chunk):
 
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,61 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import num_image_tokens
+from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint, truncate_metrics  # noqa: F401
+from .config import TrainConfig  # noqa: F401 - defined with the run config
+from .model import image_size, num_image_tokens
 from .schema import RATIONALE_PARTS, require_columns
 from .tokens import VLATokenizer
 
 PREFIX, REASON, ACTION = 0, 1, 2
 IGNORE = -100
-
-
-@dataclass
-class TrainConfig:
-    """One training run (the pre-training of the tiny base, or one fine-tune variant)."""
-
-    variant: str = "refinevla"        # pretrain | baseline | refinevla (a name; the folder under train/)
-    use_rationale: bool = True        # put the teacher's rationale in the target sequence
-    lambda_reason: float = 0.5        # weight of L_reasoning
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
-    clip_grad: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    threads: int = 0                  # CPU threads for torch; 0 = auto: one per core but one (resolve_threads)
-    max_rationale_tokens: int = 96    # rationales are cut to this many tokens
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (paper scale)
-    rationale_position: str = "before"    # before: reason, then act (ReFineVLA); after: act, then reason (ECoT-Lite)
-    rationale_dropout: float = 0.0        # share of samples trained without their rationale (ECoT-Lite dropout)
-    rationale_parts: list[str] = field(default_factory=lambda: list(RATIONALE_PARTS))  # parts kept (ablation)
-    eval_every: int = 0                   # held-out loss every N steps (0: four times per run) and at the end
-    eval_batches: int = 0                 # held-out batches per evaluation (0: the whole held-out set)
-    #: fine-tunes: compute the frozen part (vision tower, layers below the top K) once per frame and train the top K
-    #: layers on the cached hidden states (refinevla.frozen; exact). False: the whole model at every step
-    cache_frozen: bool = True
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
-        if self.lambda_reason < 0:
-            raise ValueError(f"train.lambda_reason={self.lambda_reason} must be >= 0")
-        if self.rationale_position not in ("before", "after"):
-            raise ValueError(f"train.rationale_position={self.rationale_position!r}; expected before or after")
-        if not 0.0 <= self.rationale_dropout <= 1.0:
-            raise ValueError(f"train.rationale_dropout={self.rationale_dropout} must be in [0, 1]")
-        unknown = [p for p in self.rationale_parts if p not in RATIONALE_PARTS]
-        if unknown or not self.rationale_parts:
-            raise ValueError(f"train.rationale_parts={self.rationale_parts}: choose among {list(RATIONALE_PARTS)}")
-
-    @property
-    def reasons_at_inference(self) -> bool:
-        """Whether the trained policy writes its rationale before acting (else it acts directly)."""
-        return self.use_rationale and self.rationale_position == "before" and self.rationale_dropout == 0.0
 
 
 # ------------------------------------------------------------------------------------ sequences
@@ -213,7 +167,7 @@ def batch_indices(step: int, n_rows: int, batch_size: int, seed: int, dropout: f
 def heldout_loss(model, data: dict, batch_size: int, device, max_batches: int = 0, size: int | None = None) -> dict:
     """Teacher-forced losses on held-out frames, averaged over every token of the held-out set (not one batch):
     {"heldout_l_action", "heldout_l_reason"} (the latter only when the sequences hold rationales)."""
-    size = size or model.config.vision_config.image_size
+    size = size or image_size(model)
     sums, counts = np.zeros(2), np.zeros(2)
     was_training = model.training
     model.eval()
@@ -250,59 +204,6 @@ def to_batch(data: dict, idx: np.ndarray, image_size: int, device) -> dict:
     return batch
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-def _trainable_state(model) -> dict:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer) -> Path:
-    """Write ckpt-<step>/ completely, then point ``latest`` at it atomically; older ones are removed."""
-    from safetensors.torch import save_file
-
-    final = ckpt_root / f"ckpt-{step:07d}"
-    tmp = ckpt_root / f".tmp-ckpt-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors + plain types: loads with weights_only
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)  # left by a run killed before `latest` moved to it
-    os.replace(tmp, final)
-    _atomic_write(ckpt_root / "latest", final.name)
-    for old in ckpt_root.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(ckpt_root: Path, model, optimizer) -> int:
-    """Restore trainable weights, optimizer and RNG from ``latest``; returns the step to continue from."""
-    from safetensors.torch import load_file
-
-    pointer = ckpt_root / "latest"
-    if not pointer.exists():
-        return 0
-    ckpt = ckpt_root / pointer.read_text().strip()
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"{ckpt}: checkpoint has parameters this model lacks, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_rng"])
-    return json.loads((ckpt / "state.json").read_text())["step"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------- the loop
 def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: int | None = None,
                heldout: dict | None = None, cache_frozen: bool = False) -> dict:
@@ -325,14 +226,14 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     rank, world = acc.process_index, acc.num_processes
-    size = model.config.vision_config.image_size
+    size = image_size(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_root = out_dir / "ckpt"
     start = load_checkpoint(ckpt_root, model, optimizer)
     metrics_path = out_dir / "metrics.jsonl"
     if acc.is_main_process:
-        _truncate_metrics(metrics_path, start)  # steps logged after the checkpoint we resume from run again
+        truncate_metrics(metrics_path, start)  # steps logged after the checkpoint we resume from run again
     unwrapped = model
     model, optimizer = acc.prepare(model, optimizer)
     n_rows = data.get("n_rows", len(data["input_ids"]))
@@ -405,20 +306,6 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
                 break
     acc.wait_for_everyone()
     return last
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metric lines up to ``step`` (the checkpoint a resumed run continues from)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut short by a kill
-    _atomic_write(path, "".join(k + "\n" for k in keep))
 
 
 def is_main_process() -> bool:
@@ -533,6 +420,8 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     ds, heldout = split_heldout(ds, heldout_every)
+    if getattr(model_cfg, "base", "paligemma") != "paligemma":
+        return _finetune_remote(ds, heldout, base, model_cfg, cfg, out_dir)
     tok = load_tokenizer_for(base, ds, model_cfg.action_chunk)
     model = load_base(base, model_cfg.quantization, model_cfg.attn_implementation)
     resize_embeddings(model, tok.vocab_size)
@@ -556,10 +445,52 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     last = train_loop(model, data, cfg, out_dir, heldout=held, cache_frozen=cfg.cache_frozen)
     if not is_main_process():
         return out_dir / "model"
-    base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if Path(base).exists() else str(base)
-    meta = dict(kind="adapter", base=base_ref, quantization=model_cfg.quantization, variant=cfg.variant,
+    meta = _adapter_meta(base, out_dir, model_cfg, cfg, tok.action_chunk, counts, last)
+    return _save_model_dir(model, tok, out_dir / "model", meta)
+
+
+def _adapter_meta(base, out_dir: Path, model_cfg, cfg: TrainConfig, action_chunk: int, counts: dict,
+                  last: dict) -> dict:
+    """vla.json of a fine-tune: the base (relative to the model folder when local), how it was trained."""
+    local = Path(base).exists()
+    base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if local else str(base)
+    return dict(kind="adapter", base=base_ref, base_kind=getattr(model_cfg, "base", "paligemma"),
+                quantization=model_cfg.quantization, variant=cfg.variant,
                 use_rationale=cfg.use_rationale, lambda_reason=cfg.lambda_reason, seed=cfg.seed,
                 rationale_position=cfg.rationale_position, rationale_dropout=cfg.rationale_dropout,
-                reasons_at_inference=cfg.reasons_at_inference, action_chunk=tok.action_chunk,
+                reasons_at_inference=cfg.reasons_at_inference, action_chunk=action_chunk,
                 tune_top_k_layers=model_cfg.tune_top_k_layers, parameters=counts, final_metrics=last)
-    return _save_model_dir(model, tok, out_dir / "model", meta)
+
+
+def _finetune_remote(ds, heldout, base, model_cfg, cfg: TrainConfig, out_dir: Path) -> Path:
+    """``finetune`` for a pre-trained VLA run by its own remote code (``model.base``: spatialvla | openvla, see
+    refinevla.bases): the base's prompt and action tokens with the rationale before them, the same joint loss, loop,
+    checkpoints and outputs. The frozen-part cache (refinevla.frozen) is PaliGemma-only and not used here."""
+    from .bases import RemoteVLA, load_for_finetune
+    from .model import add_lora, parameter_counts
+
+    model, layout = load_for_finetune(base, model_cfg, np.asarray(ds["action"], np.float32))
+    needed = ("episode_index", "instruction", "action", "image") + (("rationale_text",) if cfg.use_rationale else ())
+
+    def encode(d, dropped=False):
+        require_columns(d.column_names, needed, where="training dataset")
+        texts = rationale_texts(d, cfg.rationale_parts) if cfg.use_rationale else None
+        return layout.encode_dataset(d, cfg.use_rationale, cfg.max_rationale_tokens, cfg.rationale_position,
+                                     with_dropped=dropped, chunks=action_chunks(d, layout.action_chunk), texts=texts)
+
+    data = encode(ds, cfg.use_rationale and cfg.rationale_dropout > 0)
+    held = None if heldout is None else encode(heldout)
+    # the action head (every action token's row) and the rows of the rationale's words train, as in finetune
+    head_ids = np.unique(np.concatenate([data["input_ids"][data["part"] != PREFIX], layout.action_ids]))
+    torch.manual_seed(cfg.seed)  # the adapters' initial values depend on this seed only
+    model = RemoteVLA(add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist(),
+                               gradient_checkpointing=cfg.gradient_checkpointing), layout)
+    counts = parameter_counts(model)
+    print(f"{cfg.variant} ({model_cfg.base}): trainable {counts['trainable']:,} / {counts['total']:,} parameters, "
+          f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} head rows, "
+          f"statistics {layout.unnorm_key!r}")
+    last = train_loop(model, data, cfg, out_dir, heldout=held, cache_frozen=False)
+    if not is_main_process():
+        return out_dir / "model"
+    meta = _adapter_meta(base, out_dir, model_cfg, cfg, layout.action_chunk, counts, last)
+    return _save_model_dir(model, layout, out_dir / "model", meta)

@@ -151,8 +151,12 @@ def test_lora_only_on_the_top_k_layers(base_dir, k, layers):
 
 
 def test_too_many_layers_is_a_clear_error(base_dir):
-    with pytest.raises(ValueError, match="tune_top_k_layers=3.*2 layers"):
+    with pytest.raises(ValueError, match="tune_top_k_layers=3.*2 decoder layers"):  # the config refuses it
         _lora_model(base_dir, 3)
+    cfg = ModelConfig(size="micro", checkpoint=str(base_dir))  # a checkpoint: only the model knows its depth
+    cfg.tune_top_k_layers = 3
+    with pytest.raises(ValueError, match="tune_top_k_layers=3.*2 layers"):
+        add_lora(load_base(base_dir), cfg)
 
 
 def test_4bit_base_holds_linear4bit_and_only_lora_weights_change(base_dir, data, tmp_path):
