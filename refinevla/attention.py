@@ -33,42 +33,16 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-AGGREGATIONS = ("mean_heads", "rollout")
-QUERIES = ("action", "rationale")
+from .config import AGGREGATIONS, QUERIES, AttentionConfig  # noqa: F401 - defined with the run config
+from .diagnostics import open_loop_errors
+from .figures import plot_overlays, plot_scores
+
 N_ACTION = 7
-
-
-@dataclass
-class AttentionConfig:
-    """The attention stage: which frames, which tokens, which layer, which aggregation."""
-
-    frames_per_task: int = 16
-    layer: int = -1                   # decoder layer (-1 = last); rollout runs from layer 0 up to this one
-    aggregation: str = "mean_heads"   # mean_heads | rollout
-    query: str = "action"             # action | rationale: which generated tokens' attention is read
-    seed: int = 0                     # frame choice
-    residual: float = 0.5             # rollout: weight of the identity added to each layer's attention
-    min_mask_pixels: int = 1          # fewer visible target pixels = target occluded: score undefined
-    overlay_frames: int = 4           # frames shown in overlays.png
-    reasoning: bool | None = None     # None: reason when the model was trained with rationales (vla.json)
-    max_rationale_tokens: int = 64     # the teacher writes 30-45 words (~50 tokens)
-    threads: int = 0                  # CPU threads for torch (0 = auto: train.resolve_threads)
-    open_loop: bool = True            # also score each decoded action against the expert's (frames.csv)
-
-    def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"attention.aggregation={self.aggregation!r}; expected one of {AGGREGATIONS}")
-        if self.query not in QUERIES:
-            raise ValueError(f"attention.query={self.query!r}; expected one of {QUERIES}")
-        if self.frames_per_task < 1:
-            raise ValueError(f"attention.frames_per_task={self.frames_per_task} must be >= 1")
-        if not 0.0 <= self.residual < 1.0:
-            raise ValueError(f"attention.residual={self.residual} must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------- aggregation
@@ -325,7 +299,8 @@ def forward_attentions(model, tok, image, instruction: str, state, rationale_ids
 
 def frame_attention(model, tok, image, instruction: str, state, cfg: AttentionConfig, reasoning: bool) -> dict:
     """Decode one frame, read its attention: dict(map [g, g] summing to 1 (NaN when undefined), image_mass,
-    n_queries, rationale, action)."""
+    n_queries, rationale, action, action_ids) for ``cfg.query``, and ``rationale_map``: the same read from the
+    positions that write the rationale (NaN when the model wrote none), from the same forward pass."""
     from .model import num_image_tokens
 
     rationale_ids, action_ids = decode_frame(model, tok, image, instruction, state, reasoning,
@@ -334,30 +309,11 @@ def frame_attention(model, tok, image, instruction: str, state, cfg: AttentionCo
     queries = query_positions(n_prompt, len(rationale_ids), cfg.query)
     n_image = num_image_tokens(model)
     vec, mass = image_attention(att, queries, n_image, cfg.layer, cfg.aggregation, cfg.residual)
-    return dict(map=to_grid(vec), image_mass=mass, n_queries=len(queries),
+    written = query_positions(n_prompt, len(rationale_ids), "rationale") if rationale_ids else []
+    rationale_vec, _ = image_attention(att, written, n_image, cfg.layer, cfg.aggregation, cfg.residual)
+    return dict(map=to_grid(vec), image_mass=mass, n_queries=len(queries), rationale_map=to_grid(rationale_vec),
                 rationale=tok.decode_text(rationale_ids), action=tok.ids_to_actions(action_ids)[0],
                 action_ids=action_ids)
-
-
-def action_errors(tok, action_ids, expert_action, prefix: str = "") -> dict:
-    """How far a decoded action is from the expert's, in bins: the mean |bin difference| over the six arm
-    dimensions, and whether the gripper command agrees (open vs close)."""
-    expert = np.asarray(expert_action, np.float32)
-    diff = np.abs(tok.ids_to_bins(action_ids)[:6] - tok.ids_to_bins(tok.action_to_ids(expert))[:6])  # first action
-    gripper = tok.ids_to_actions(list(action_ids))[0, 6] > 0.5  # the first action of a chunk
-    return {f"{prefix}arm_bin_error": float(diff.mean()),
-            f"{prefix}gripper_agrees": bool(gripper == (float(expert_action[6]) > 0.5))}
-
-
-def teacher_forced_errors(model, tok, frame: dict, max_rationale_tokens: int) -> dict:
-    """The action a reasoning model takes after the *teacher's* rationale instead of its own, scored against
-    the expert: it separates what the action head learned from what the model's own rationale costs."""
-    from .policy import VLAPolicy
-
-    forced = tok.text_ids(frame["rationale_text"])
-    policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=max_rationale_tokens)
-    _, action_ids = policy.generate_ids(frame["image"], frame["instruction"], frame["state"], rationale_ids=forced)
-    return action_errors(tok, action_ids, frame["action"], prefix="teacher_rationale_")
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -395,76 +351,6 @@ def select_frames(dataset, frames_per_task: int, seed: int = 0, min_mask_pixels:
     return chosen
 
 
-# ------------------------------------------------------------------------------------------ figures
-def plot_overlays(frames, maps_by_model: dict, titles, masks=None, notes: dict | None = None,
-                  alpha: float = 0.55, cmap: str = "inferno"):
-    """One row per frame (titled with its instruction), one column per model: the camera frame with the
-    model's map (grid or image-sized) upsampled bilinearly on top. Within a row all models share one colour
-    scale (maps are distributions over the same patches, so their values compare). ``masks`` outlines the
-    target; ``notes[model][i]`` is written under panel i (e.g. the score)."""
-    import matplotlib.pyplot as plt
-
-    names = list(maps_by_model)
-    n = len(frames)
-    if n == 0 or not names:
-        raise ValueError("plot_overlays needs at least one frame and one model")
-    for name in names:
-        if len(maps_by_model[name]) != n:
-            raise ValueError(f"model {name!r} has {len(maps_by_model[name])} maps for {n} frames")
-    fig = plt.figure(figsize=(2.6 * len(names), 2.9 * n), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(n, 1))
-    for i, (sub, frame) in enumerate(zip(subfigs, frames)):
-        frame = np.asarray(frame)
-        h, w = frame.shape[:2]
-        ups = {}
-        for name in names:
-            m = np.asarray(maps_by_model[name][i], np.float64)
-            ups[name] = upsample(m, (h, w)) if m.shape != (h, w) else m
-        finite = [np.nanmax(u) for u in ups.values() if np.isfinite(u).any()]
-        vmax = max(finite) if finite else 1.0
-        axes = np.atleast_1d(sub.subplots(1, len(names)))
-        sub.suptitle(str(titles[i]) if titles is not None else "", fontsize=10)
-        for ax, name in zip(axes, names):
-            ax.imshow(frame)
-            if np.isfinite(ups[name]).any():
-                ax.imshow(ups[name], cmap=cmap, alpha=alpha, vmin=0.0, vmax=vmax)
-            else:
-                ax.text(0.5, 0.5, "undefined", ha="center", va="center", transform=ax.transAxes, color="w")
-            if masks is not None and masks[i] is not None and mask_array(masks[i]).any():
-                ax.contour(mask_array(masks[i]).astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
-            ax.set_title(name, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if notes and name in notes:
-                ax.set_xlabel(str(notes[name][i]), fontsize=8)
-    return fig
-
-
-def plot_scores(table, metric: str = "lift"):
-    """Per task, each model's mean ``metric`` with its 95% interval (a dashed line at 1 for the lift)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    t = table[table[metric].notna()]
-    tasks, models = list(dict.fromkeys(t["task"])), list(dict.fromkeys(t["model"]))
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * max(1, len(tasks)), 3.2), layout="constrained")
-    width = 0.8 / max(1, len(models))
-    for k, model in enumerate(models):
-        tm = t[t["model"] == model].set_index("task")
-        xs = [tasks.index(task) + (k - (len(models) - 1) / 2) * width for task in tm.index]
-        lo = (tm[metric] - tm[f"{metric}_ci_low"]).fillna(0).clip(lower=0)
-        hi = (tm[f"{metric}_ci_high"] - tm[metric]).fillna(0).clip(lower=0)
-        ax.errorbar(xs, tm[metric], yerr=[lo, hi], fmt="o", capsize=3, color=colors[model], label=model)
-    if metric == "lift":
-        ax.axhline(1.0, ls="--", color="grey", lw=1)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel({"lift": "attention-on-target lift", "share": "attention-on-target share"}.get(metric, metric))
-    ax.legend(fontsize=8)
-    sns.despine(ax=ax)
-    return fig
-
-
 # --------------------------------------------------------------------------------------------- stage
 def _overlay_choice(frame_tasks: list[str], defined: np.ndarray, k: int) -> list[int]:
     """Up to k positions, round-robin over tasks, frames with a defined score for every model first."""
@@ -487,8 +373,9 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
 
     ``models`` maps a display name to a model folder (load_vla); the first is the reference of the paired
     differences. ``dataset`` is a datasets.Dataset in the row schema (or a folder saved with save_to_disk).
-    Writes out_dir/maps.npz, frames.csv (per frame), scores.csv (the table), paired.csv, overlays.png and
-    scores.png; returns the table (pandas DataFrame, TABLE_COLUMNS).
+    Writes out_dir/maps.npz (the maps of ``cfg.query`` and of the rationale tokens), frames.csv (per frame, with
+    the open-loop action errors of diagnostics.open_loop_errors when ``cfg.open_loop``), scores.csv (the table),
+    paired.csv, overlays.png and scores.png (figures.py); returns the table (pandas DataFrame, TABLE_COLUMNS).
     """
     import gc
 
@@ -521,12 +408,12 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
                    episode_index=r.get("episode_index", -1), step_index=r.get("step_index", -1),
                    action=r.get("action"), rationale_text=r.get("rationale_text") or "") for r in rows]
 
-    records, maps, masses = [], {}, {}
+    records, maps, masses, rationale_maps = [], {}, {}, {}
     bar = tqdm(total=len(models) * len(frames), desc="attention")
     for name, model_dir in models.items():
         model, tok, meta = load_vla(model_dir)
         reasoning = bool(meta.get("use_rationale", False)) if cfg.reasoning is None else cfg.reasoning
-        maps[name], masses[name] = [], []
+        maps[name], masses[name], rationale_maps[name] = [], [], []
         for idx, f in zip(indices, frames):
             bar.set_postfix(model=name)
             res = frame_attention(model, tok, f["image"], f["instruction"], f["state"], cfg, reasoning)
@@ -535,12 +422,11 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
                 score = dict(score, share=float("nan"), lift=float("nan"),
                              reason="no query tokens (the model wrote no rationale)")
             maps[name].append(res["map"].astype(np.float32))
+            rationale_maps[name].append(res["rationale_map"].astype(np.float32))
             masses[name].append(res["image_mass"])
             errors = {}
-            if cfg.open_loop and f["action"] is not None:  # the decoded action against the expert's
-                errors = action_errors(tok, res["action_ids"], f["action"])
-                if reasoning and f["rationale_text"]:
-                    errors.update(teacher_forced_errors(model, tok, f, cfg.max_rationale_tokens))
+            if cfg.open_loop and f["action"] is not None:  # an evaluation diagnostic over the same frames
+                errors = open_loop_errors(model, tok, f, res["action_ids"], reasoning, cfg.max_rationale_tokens)
             records.append(dict(model=name, task=f["task"], frame_index=idx, episode_index=f["episode_index"],
                                 step_index=f["step_index"], instruction=f["instruction"],
                                 n_queries=res["n_queries"], image_mass=res["image_mass"], **score,
@@ -560,6 +446,7 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     for k, name in enumerate(names):
         arrays[f"maps_{k}"] = np.stack(maps[name])
         arrays[f"image_mass_{k}"] = np.asarray(masses[name], np.float64)
+        arrays[f"rationale_maps_{k}"] = np.stack(rationale_maps[name])
     np.savez_compressed(out_dir / "maps.npz", **arrays)
     per_frame.to_csv(out_dir / "frames.csv", index=False)
     table.to_csv(out_dir / "scores.csv", index=False)
@@ -582,21 +469,6 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     return table
 
 
-def open_loop_table(per_frame) -> "pd.DataFrame":
-    """Per model and task, the open-loop action errors of frames.csv: mean arm bin error and gripper agreement
-    with the model's own rationale (or none), and, for reasoning models, after the teacher's rationale."""
-    import pandas as pd
-
-    cols = [c for c in ("arm_bin_error", "gripper_agrees", "teacher_rationale_arm_bin_error",
-                        "teacher_rationale_gripper_agrees") if c in per_frame]
-    if not cols:
-        return pd.DataFrame()
-    frames = per_frame.assign(**{c: per_frame[c].astype(float) for c in cols})
-    frames = pd.concat([frames, frames.assign(task="(all)")])
-    grouped = frames.groupby(["model", "task"], sort=True)
-    return pd.concat([grouped.size().rename("n_frames"), grouped[cols].mean().round(3)], axis=1)
-
-
 def _note(rec) -> str:
     if rec["reason"]:
         return "undefined: " + reason_kind(rec["reason"])
@@ -604,10 +476,12 @@ def _note(rec) -> str:
 
 
 def load_maps(path) -> dict:
-    """maps.npz back as {model name: [n_frames, g, g]} plus frame_index, tasks, instructions, image_mass."""
+    """maps.npz back as {model name: [n_frames, g, g]} plus rationale_maps (the same for the rationale tokens;
+    empty for a run made before they were kept), frame_index, tasks, instructions, image_mass."""
     with np.load(Path(path), allow_pickle=False) as z:
         names = [str(n) for n in z["models"]]
-        return dict(maps={n: z[f"maps_{k}"] for k, n in enumerate(names)},
+        rationale = {n: z[f"rationale_maps_{k}"] for k, n in enumerate(names) if f"rationale_maps_{k}" in z}
+        return dict(maps={n: z[f"maps_{k}"] for k, n in enumerate(names)}, rationale_maps=rationale,
                     image_mass={n: z[f"image_mass_{k}"] for k, n in enumerate(names)},
                     frame_index=z["frame_index"], tasks=[str(t) for t in z["tasks"]],
                     instructions=[str(t) for t in z["instructions"]], config=json.loads(str(z["config"])))

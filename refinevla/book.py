@@ -2,10 +2,16 @@
 
 Notebooks run in order with the same parameters (preset + overrides); a notebook whose source, parameters,
 package code and input stages did not change since its last successful run is not re-run. The first failing
-notebook stops everything and names the cell. The book is then built with execution off, warnings as errors.
+notebook stops everything and names the cell. The book is then built with execution off, warnings as errors,
+and every page's footer names the commit and the date it was built from.
+
+``notebooks/*.ipynb`` are the only source of the notebooks: edit them in JupyterLab (`make lab`) or any editor.
+Inside a notebook, ``open_run`` resolves the run config and moves to the repository root, so a kernel started in
+notebooks/ reads and writes the same data/<run>/ folders as `make book`.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -14,7 +20,24 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ["01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention", "06_results"]
+#: Execution order: the overview is written last (from the run's CSVs) but read first (TOC_NOTEBOOKS).
+NOTEBOOKS = ["01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention", "06_results", "00_overview"]
+TOC_NOTEBOOKS = ["00_overview", "01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention",
+                 "06_results"]
+#: The config sections each notebook's stage reads: its parameters cell lists exactly the aliases
+#: (config.ALIASES) that name a field of one of them, beside preset, run and overrides (tests/test_notebooks.py).
+NOTEBOOK_SECTIONS = {
+    "00_overview": [],
+    "01_data": ["data"],
+    "02_annotate": ["annotate"],
+    "03_finetune": ["model", "pretrain", "baseline", "refinevla", "study"],
+    "04_evaluate": ["evaluate", "study"],
+    "05_attention": ["attention"],
+    "06_results": [],
+}
+#: The kernel the notebooks name (registered into the venv by `make lab` and by run_notebooks).
+KERNEL = "refinevla"
+KERNEL_DISPLAY = "Python (refinevla)"
 #: Stage folders (under the run) each notebook reads: the markers of every stage under them are part of its skip key.
 NOTEBOOK_INPUTS = {
     "01_data": [],
@@ -23,6 +46,19 @@ NOTEBOOK_INPUTS = {
     "04_evaluate": ["train"],
     "05_attention": ["train", "annotate"],
     "06_results": ["demos", "demos_pretrain", "annotate", "train", "evaluate", "attention"],
+    "00_overview": ["train", "evaluate", "attention"],
+}
+#: Stage folders each notebook writes. Their markers are part of its key too, recorded after it ran: when a stage is
+#: re-run from outside the book (a Papermill run of one notebook, the CLI) with another config, the notebook that
+#: shows it no longer matches and runs again, so no page shows a model or a number its run config did not make.
+NOTEBOOK_OUTPUTS = {
+    "01_data": ["demos", "demos_pretrain"],
+    "02_annotate": ["annotate"],
+    "03_finetune": ["train"],
+    "04_evaluate": ["evaluate"],
+    "05_attention": ["attention"],
+    "06_results": [],
+    "00_overview": [],
 }
 #: Book pages around the notebooks, in reading order (None marks where the notebooks go).
 PAGES_BEFORE = ["book/intro", "book/method", "book/paper"]
@@ -34,6 +70,28 @@ class NotebookFailed(RuntimeError):
     pass
 
 
+def open_run(preset: str, run: str = "", namespace: dict | None = None, overrides: dict | None = None):
+    """The run config inside a notebook (its parameters cell's values), with the working directory moved to the
+    repository root: run folders (data/<run>/) are the ones `make book` writes, wherever the kernel started."""
+    from . import config
+
+    if (REPO / "notebooks").is_dir():  # an installed copy outside the repository keeps the working directory
+        os.chdir(REPO)
+    return config.notebook_config(preset, run, namespace, overrides)
+
+
+def ensure_kernel(prefix: str | None = None) -> str:
+    """Register this interpreter as the kernel the notebooks name (KERNEL) inside the virtual environment (no
+    user or system folder is touched), unless it already points at this interpreter; returns the kernel name."""
+    prefix = prefix or sys.prefix
+    spec = Path(prefix) / "share" / "jupyter" / "kernels" / KERNEL / "kernel.json"
+    if spec.exists() and json.loads(spec.read_text()).get("argv", [""])[0] == sys.executable:
+        return KERNEL
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", prefix, "--name", KERNEL,
+                    "--display-name", KERNEL_DISPLAY], check=True, capture_output=True)
+    return KERNEL
+
+
 def _package_hash() -> str:
     h = hashlib.sha256()
     for path in sorted((REPO / "refinevla").rglob("*")):
@@ -43,12 +101,13 @@ def _package_hash() -> str:
 
 
 def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = REPO / "notebooks") -> str:
-    """Hash of the notebook source, its parameters, the package code and its input stages' markers."""
+    """Hash of the notebook source, its parameters, the package code, and the markers of the stages it reads and
+    writes (NOTEBOOK_INPUTS, NOTEBOOK_OUTPUTS)."""
     h = hashlib.sha256()
     h.update((Path(notebooks_dir) / f"{name}.ipynb").read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(_package_hash().encode())
-    for stage in NOTEBOOK_INPUTS[name]:
+    for stage in NOTEBOOK_INPUTS[name] + NOTEBOOK_OUTPUTS.get(name, []):
         markers = sorted((run_dir / stage).rglob("_done.json")) if (run_dir / stage).exists() else []
         for marker in markers:
             h.update(str(marker.relative_to(run_dir)).encode() + marker.read_bytes())
@@ -70,6 +129,7 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"preset": preset, "run": run, **params}
+    kernel = ensure_kernel()
     for name in tqdm(only or NOTEBOOKS, desc="notebooks"):
         if name not in NOTEBOOKS:
             raise ValueError(f"unknown notebook {name!r}; known: {NOTEBOOKS}")
@@ -83,13 +143,15 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
         print(f"{name}: running")
         try:
             pm.execute_notebook(str(notebooks_dir / f"{name}.ipynb"), str(output), parameters=parameters,
-                                cwd=str(REPO), kernel_name="python3", execution_timeout=timeout_s,
+                                cwd=str(REPO), kernel_name=kernel, execution_timeout=timeout_s,
                                 progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as err:
             raise NotebookFailed(f"{name}.ipynb failed in cell {err.exec_count} (executed copy: {output}):\n"
                                  f"{err.ename}: {err.evalue}") from None
         scrub_secrets(output)
-        key_file.write_text(key)  # the key of the source that ran (its inputs are upstream: unchanged by it)
+        hide_parameters(output)
+        # the key after the run: its own stages' markers are now the ones its pages show
+        key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
     return out_dir
 
 
@@ -104,19 +166,59 @@ def scrub_secrets(path: Path) -> None:
                                  "Secrets must be read from the environment inside the package, never printed.")
 
 
+def hide_parameters(path: Path) -> None:
+    """Tag the parameters cell and the one Papermill injects remove-cell: the book shows the resolved config
+    once (a table), not the cells that set it."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if ("parameters" in tags or "injected-parameters" in tags) and "remove-cell" not in tags:
+            cell.metadata["tags"] = tags + ["remove-cell"]
+    nbformat.write(nb, path)
+
+
 def write_toc(run_dir: Path, root_prefix: str) -> Path:
-    """The book's table of contents for this run: pages, then the executed notebooks."""
+    """The book's table of contents for this run: the intro, the overview, the paper's pages, then the
+    executed notebooks stage by stage."""
     import yaml
 
-    notebooks = [f"{root_prefix}/notebooks/{n}" for n in NOTEBOOKS]
+    notebooks = [f"{root_prefix}/notebooks/{n}" for n in TOC_NOTEBOOKS if n != "00_overview"]
     existing = [p for p in PAGES_AFTER if (REPO / f"{p}.md").exists()]
     toc = {"format": "jb-book", "root": PAGES_BEFORE[0], "parts": [
+        {"caption": "The result", "chapters": [{"file": f"{root_prefix}/notebooks/00_overview"}]},
         {"caption": "The paper", "chapters": [{"file": p} for p in PAGES_BEFORE[1:]]},
         {"caption": "The study, stage by stage", "numbered": True, "chapters": [{"file": n} for n in notebooks]},
         {"caption": "More", "chapters": [{"file": p} for p in existing]},
     ]}
     path = run_dir / "_toc.yml"
     path.write_text(yaml.safe_dump(toc, sort_keys=False))
+    return path
+
+
+def build_info(repo: Path = REPO) -> str:
+    """"Built from commit abc1234 (with uncommitted changes) on 2026-11-29 16:05 UTC": the footer of every page."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or os.environ.get("GITHUB_SHA", "")[:7]
+    dirty = " (with uncommitted changes)" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Built from {'commit ' + commit if commit else 'an unknown commit'}{dirty} on {when}."
+
+
+def write_config(run_dir: Path) -> Path:
+    """The repository's _config.yml with this build's commit and date as every page's footer."""
+    import yaml
+
+    conf = yaml.safe_load((REPO / "_config.yml").read_text())
+    conf.setdefault("html", {})["extra_footer"] = f'<p class="build-info">{build_info()}</p>'
+    path = run_dir / "_config.yml"
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
     return path
 
 
@@ -128,9 +230,10 @@ def build_book(run: str, root: str = "data", strict: bool = True) -> Path:
         raise RuntimeError(f"{mathjax} is missing: run `bash scripts/vendor_mathjax.sh` (needs npm) so the "
                            "book's formulas render offline")
     toc = write_toc(run_dir, f"{root}/{run}")
+    conf = write_config(run_dir)
     out = run_dir / "book"
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO), "--toc", str(toc),
-           "--path-output", str(out)]
+           "--config", str(conf), "--path-output", str(out)]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, cwd=REPO)
@@ -139,7 +242,30 @@ def build_book(run: str, root: str = "data", strict: bool = True) -> Path:
     index = out / "_build" / "html" / "index.html"
     if not index.exists():
         raise RuntimeError(f"jupyter-book exited 0 but wrote no {index}")
+    dedupe_scripts(index.parent)
     return index
+
+
+def dedupe_scripts(html_dir: Path) -> int:
+    """Drop repeated identical inline <script> blocks from the built pages (sphinx-thebe adds its configuration
+    twice under Jupyter Book 1.0, and the second `const` declaration is a console error); returns the pages fixed."""
+    import re
+
+    fixed = 0
+    for page in Path(html_dir).rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        seen, parts, changed = set(), [], False
+        pos = 0
+        for m in re.finditer(r"<script>(.*?)</script>\s*", text, flags=re.S):
+            body = m.group(1).strip()
+            if body in seen:
+                parts.append(text[pos:m.start()])
+                pos, changed = m.end(), True
+            seen.add(body)
+        if changed:
+            page.write_text("".join(parts) + text[pos:], encoding="utf-8")
+            fixed += 1
+    return fixed
 
 
 def make_book(preset: str = "default", params: dict | None = None, run: str = "", force: bool = False,

@@ -9,6 +9,10 @@ held-out frames greedily and compares it, part by part, with the teacher's:
 The gate (``gate``) passes when the spatial part, the one that carries what the action needs (where the named object
 is relative to the gripper), names the right object with every axis within 1 cm on at least ``min_spatial`` of the
 frames.
+
+The open-loop action errors (``open_loop_errors``, ``open_loop_table``) score the action a model decodes on a frame
+against the expert's, after the model's own rationale and after the teacher's; the attention stage computes them
+over its frames (attention/frames.csv).
 """
 from __future__ import annotations
 
@@ -85,3 +89,52 @@ def gate(per_frame: pd.DataFrame, min_spatial: float = 0.5) -> tuple[bool, str]:
                 + f"{100 * min_spatial:.0f}%); "
                 + ("the closed-loop comparison tests a policy that can write its rationale." if ok else
                    "the closed-loop result of the reasoning arm says little about reasoning."))
+
+
+# ------------------------------------------------------------------------------------ open-loop action errors
+def action_errors(tok, action_ids, expert_action, prefix: str = "") -> dict:
+    """How far a decoded action is from the expert's, in bins: the mean |bin difference| over the six arm
+    dimensions, and whether the gripper command agrees (open vs close)."""
+    expert = np.asarray(expert_action, np.float32)
+    diff = np.abs(tok.ids_to_bins(action_ids)[:6] - tok.ids_to_bins(tok.action_to_ids(expert))[:6])  # first action
+    gripper = tok.ids_to_actions(list(action_ids))[0, 6] > 0.5  # the first action of a chunk
+    return {f"{prefix}arm_bin_error": float(diff.mean()),
+            f"{prefix}gripper_agrees": bool(gripper == (float(expert_action[6]) > 0.5))}
+
+
+def teacher_forced_errors(model, tok, frame: dict, max_rationale_tokens: int) -> dict:
+    """The action a reasoning model takes after the *teacher's* rationale instead of its own, scored against
+    the expert: it separates what the action head learned from what the model's own rationale costs."""
+    from .policy import VLAPolicy
+
+    forced = tok.text_ids(frame["rationale_text"])
+    policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=max_rationale_tokens)
+    _, action_ids = policy.generate_ids(frame["image"], frame["instruction"], frame["state"], rationale_ids=forced)
+    return action_errors(tok, action_ids, frame["action"], prefix="teacher_rationale_")
+
+
+
+
+def open_loop_table(per_frame) -> "pd.DataFrame":
+    """Per model and task, the open-loop action errors of frames.csv: mean arm bin error and gripper agreement
+    with the model's own rationale (or none), and, for reasoning models, after the teacher's rationale."""
+    import pandas as pd
+
+    cols = [c for c in ("arm_bin_error", "gripper_agrees", "teacher_rationale_arm_bin_error",
+                        "teacher_rationale_gripper_agrees") if c in per_frame]
+    if not cols:
+        return pd.DataFrame()
+    as_float = lambda v: v.replace({"": np.nan, "True": 1.0, "False": 0.0}).astype(float)  # also as read with
+    frames = per_frame.assign(**{c: as_float(per_frame[c]) for c in cols})  # keep_default_na=False
+    frames = pd.concat([frames, frames.assign(task="(all)")])
+    grouped = frames.groupby(["model", "task"], sort=True)
+    return pd.concat([grouped.size().rename("n_frames"), grouped[cols].mean().round(3)], axis=1)
+
+
+def open_loop_errors(model, tok, frame: dict, action_ids, reasoning: bool, max_rationale_tokens: int) -> dict:
+    """The frame's open-loop columns: the decoded action's errors (``action_errors``), and for a reasoning model
+    with a teacher rationale, the errors after that rationale (``teacher_forced_errors``)."""
+    errors = action_errors(tok, action_ids, frame["action"])
+    if reasoning and frame.get("rationale_text"):
+        errors.update(teacher_forced_errors(model, tok, frame, max_rationale_tokens))
+    return errors

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .figures import ARM_LABELS
+
 PAPER_RESULTS = Path(__file__).parent / "paper_results.csv"
 
 
@@ -27,24 +29,6 @@ def demo_stats_table(run_dir, folder: str = "demos") -> pd.DataFrame:
     if "tasks" not in stats:
         return pd.DataFrame([stats])
     return pd.DataFrame(stats["tasks"]).T.rename_axis("task")
-
-
-def plot_frames(images, titles=None, ncols: int | None = None, size: float = 2.2):
-    """A row (or grid) of frames with titles."""
-    import matplotlib.pyplot as plt
-
-    ncols = ncols or len(images)
-    nrows = int(np.ceil(len(images) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, img in enumerate(images):
-        ax = axes.flat[i]
-        ax.imshow(np.asarray(img), cmap="gray" if np.asarray(img).ndim == 2 else None)
-        if titles:
-            ax.set_title(titles[i], fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def split_examples(ecfg, n: int = 3) -> tuple[list, list]:
@@ -76,22 +60,6 @@ def first_frames_per_task(ds, column: str = "image") -> tuple[list, list]:
     return images, titles
 
 
-def plot_action_distributions(ds, max_rows: int = 5000):
-    """Histograms of the 7 action dimensions per task (what the action bins must cover)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    n = min(len(ds), max_rows)
-    sub = ds.select(np.linspace(0, len(ds) - 1, n).astype(int)) if len(ds) > n else ds
-    acts = np.asarray(sub["action"], np.float32)
-    names = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
-    frame = pd.DataFrame(acts, columns=names).assign(task=sub["task"])
-    long = frame.melt(id_vars="task", var_name="dimension", value_name="value")
-    grid = sns.displot(long, x="value", hue="task", col="dimension", col_wrap=4, bins=30, height=1.8,
-                       facet_kws=dict(sharey=False, sharex=False), element="step")
-    return grid.figure
-
-
 # ---------------------------------------------------------------------------------------- training
 def _metric_dirs(run_dir) -> list[tuple[str, int, Path]]:
     """(arm, seed, folder) of every training run with metrics: pretrain (seed -1), then train/<arm>/seed<k>."""
@@ -113,36 +81,6 @@ def training_curves(run_dir) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def plot_training_curves(curves: pd.DataFrame):
-    """Linear axes: the action loss of every fine-tune (one colour per arm, one line style per seed; markers at the
-    held-out losses), and the reasoning loss where rationales are in the target. Pre-training is drawn apart:
-    its scale and length differ, and the fine-tunes all start from its end."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    styles = ["-", "--", ":", "-."]
-    colours = dict(zip(curves["arm"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
-    for (arm, seed), g in curves.groupby(["arm", "seed"], sort=False):
-        ax = axes[0] if arm == "pretrain" else axes[1]
-        kw = dict(color=colours[arm], linestyle=styles[max(seed, 0) % len(styles)], lw=1.2,
-                  label=arm if seed <= 0 else f"{arm} (seed {seed})")
-        ax.plot(g["step"], g["l_action"], **kw)
-        if "heldout_l_action" in g:
-            h = g.dropna(subset=["heldout_l_action"])
-            ax.plot(h["step"], h["heldout_l_action"], "o", color=colours[arm], ms=4)
-        if arm != "pretrain" and (g["l_reason"] > 0).any():
-            axes[2].plot(g["step"], g["l_reason"], **kw)
-    axes[0].set(title="pre-training: L_action", xlabel="step", ylabel="cross-entropy")
-    axes[1].set(title="fine-tunes: L_action (dots: held-out)", xlabel="step")
-    axes[2].set(title="fine-tunes: L_reasoning", xlabel="step")
-    for ax in axes:
-        ax.set_ylim(bottom=0)
-        if ax.has_data():
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def model_summary(run_dir) -> pd.DataFrame:
     """Per training run: parameters, trainable share, quantisation, what the target held, and the last losses
     (training: averaged over the last logging interval; held-out: over every held-out frame)."""
@@ -158,41 +96,13 @@ def model_summary(run_dir) -> pd.DataFrame:
                      "quantization": meta.get("quantization", "none (fp32)"),
                      "rationale": ("none" if not meta.get("use_rationale") else
                                    f"{meta.get('rationale_position', 'before')}, dropout {meta.get('rationale_dropout', 0)}"),
-                     "lambda": meta.get("lambda_reason", 0.0), "steps": m.get("step"),
+                     "lambda_reason": meta.get("lambda_reason", 0.0), "steps": m.get("step"),
                      "L_action": m.get("l_action"), "held-out L_action": m.get("heldout_l_action"),
                      "held-out L_reasoning": m.get("heldout_l_reason")})
     return pd.DataFrame(rows).set_index(["arm", "seed"])
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-ARM_LABELS = {"base": "pre-trained base (no fine-tune)", "baseline": "baseline (lambda = 0)",
-              "refinevla": "ReFineVLA (rationale, then action)", "oracle": "ReFineVLA on the teacher's rationale",
-              "dropout": "reasoning dropout, acts directly", "after": "rationale after the action"}
-
-
-def plot_success(table: pd.DataFrame):
-    """Success rate of every arm on every split as points with Wilson 95% intervals (stats.success_table); an
-    interval stays visible at 0% and 100%."""
-    import matplotlib.pyplot as plt
-
-    arms, splits = list(dict.fromkeys(table["arm"])), list(dict.fromkeys(table["split"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(arms) + 2), 3.4))
-    for j, split in enumerate(splits):
-        g = table[table["split"] == split].set_index("arm").reindex(arms)
-        x = np.arange(len(arms)) + (j - (len(splits) - 1) / 2) * 0.25
-        err = np.vstack([g["rate"] - g["ci_low"], g["ci_high"] - g["rate"]]).clip(min=0)
-        ax.errorbar(x, g["rate"], yerr=err, fmt="o", capsize=4, label=split.replace("_", " "))
-        for xi, (k, n) in zip(x, zip(g["successes"], g["n"])):
-            if n == n:  # not NaN
-                ax.annotate(f"{int(k)}/{int(n)}", (xi, -0.02), ha="center", va="top", fontsize=7)
-    ax.set_xticks(np.arange(len(arms)), arms)
-    ax.set(ylim=(-0.12, 1.05), ylabel="success rate", title="Closed-loop success, Wilson 95% intervals")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def success_display(table: pd.DataFrame) -> pd.DataFrame:
     """The success table for reading: one row per arm, one column per split, "57% [42, 71] (29/50)"."""
     cell = lambda r: f"{100 * r.rate:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}] ({r.successes}/{r.n})"
@@ -369,3 +279,214 @@ def environment_info(repo_dir) -> pd.DataFrame:
     except ImportError:
         pass
     return pd.DataFrame({"value": rows}).rename_axis("what")
+
+
+# ---------------------------------------------------------------------------------------- pages
+def tidy(df: pd.DataFrame, digits: int = 3, percent=()) -> pd.DataFrame:
+    """A table for reading: float columns that hold whole numbers become integers (2, not 2.0), other floats are
+    rounded to ``digits`` decimals, the ``percent`` columns (shares in [0, 1]) read "83%", and missing values are
+    left blank; booleans and text stay as they are."""
+    out = df.copy()
+    for col in out.columns:
+        values = out[col]
+        if col in percent:
+            out[col] = [f"{100 * float(v):.0f}%" if pd.notna(v) else "" for v in values]
+        elif pd.api.types.is_float_dtype(values):
+            finite = values.dropna()
+            if len(finite) and np.isfinite(finite).all() and (finite == finite.round()).all():
+                out[col] = values.round().astype("Int64")
+            else:
+                out[col] = values.round(digits)
+    return out.astype(object).where(out.notna(), "")
+
+
+def _interval(rate, lo, hi) -> str:
+    return f"{100 * rate:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def headline_table(success: pd.DataFrame, paired: pd.DataFrame) -> pd.DataFrame:
+    """Arms x splits: the success rate with its Wilson 95% interval and count, and the paired difference from the
+    baseline on the same episodes (bootstrap 95% interval, McNemar's exact p)."""
+    arms = list(dict.fromkeys(success["arm"]))
+    splits = list(dict.fromkeys(success["split"]))
+    rows = {}
+    for arm in arms:
+        row = {}
+        for split in splits:
+            where = split.replace("_", " ")
+            s = success[(success["arm"] == arm) & (success["split"] == split)]
+            p = paired[(paired["arm"] == arm) & (paired["split"] == split)]
+            row[(where, "success [95% interval]")] = (
+                f"{_interval(*s.iloc[0][['rate', 'ci_low', 'ci_high']])} ({s.iloc[0]['successes']}/{s.iloc[0]['n']})"
+                if len(s) else "")
+            row[(where, "minus baseline [95% interval], p")] = (
+                f"{100 * p.iloc[0]['diff']:+.0f} [{100 * p.iloc[0]['diff_low']:+.0f}, "
+                f"{100 * p.iloc[0]['diff_high']:+.0f}], p = {p.iloc[0]['p_value']:.2f}" if len(p) else
+                ("(reference)" if arm == "baseline" else ""))
+        rows[ARM_LABELS.get(arm, arm)] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out.rename_axis("arm")
+
+
+def resolution_table(success: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: the episodes behind each of its rates and the smallest difference from another arm with as many
+    episodes that a two-sided 5% test detects with 80% power (stats.detectable_difference)."""
+    from .stats import detectable_difference
+
+    n = success.groupby("arm", sort=False)["n"].min()
+    return pd.DataFrame({"episodes per split": n.astype(int).to_numpy(),
+                         "detectable difference (points)": [_points(detectable_difference(int(k))) for k in n]},
+                        index=pd.Index([ARM_LABELS.get(a, a) for a in n.index], name="arm"))
+
+
+def _points(d: float) -> str:
+    return f"{100 * d:.0f}" if d <= 1 else "over 100: none"
+
+
+def paper_claims() -> pd.DataFrame:
+    """The paper's cited figures (refinevla/paper_results.csv), one readable row each."""
+    p = paper_results()
+    return pd.DataFrame({"benchmark": p["benchmark"], "setting": p["setting"], "claim": p["metric"],
+                         "value": [f"{v:g}{'%' if u == 'percent' else ' ' + str(u)}" for v, u in
+                                   zip(p["value"], p["unit"])],
+                         "source": p["source"]}).set_index("benchmark")
+
+
+def config_table(cfg) -> pd.DataFrame:
+    """The resolved run config as one row per section: "field: value" pairs, compact enough to read at once."""
+    def show(v):
+        return json.dumps(v, separators=(", ", ": ")) if isinstance(v, (dict, list)) else str(v)
+
+    rows = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            rows[section] = "; ".join(f"{k}: {show(v)}" for k, v in values.items())
+        else:
+            rows[section] = show(values)
+    return pd.DataFrame({"settings": rows}).rename_axis("section")
+
+
+def _png_tag(image, scale: int = 3, alt: str = "") -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(image, np.uint8))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return (f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="{alt}" '
+            f'width="{img.width}" height="{img.height}">')
+
+
+def teacher_examples(ds, n: int = 4) -> str:
+    """HTML: ``n`` key frames (where the teacher wrote a new rationale), spread over the dataset, each as the frame
+    the teacher saw beside the four parts of its rationale."""
+    import html
+
+    from .schema import RATIONALE_PARTS
+
+    cols = ds.select_columns(["task", "episode_index", "step_index", "rationale_source_step"])[:]
+    keys = [i for i, (s, src) in enumerate(zip(cols["step_index"], cols["rationale_source_step"])) if s == src]
+    picked = [keys[int(j)] for j in np.linspace(0, len(keys) - 1, min(n, len(keys)))] if keys else []
+    blocks = []
+    for i in picked:
+        row = ds[i]
+        try:
+            parts = json.loads(row["rationale"]) if isinstance(row.get("rationale"), str) else dict(row["rationale"])
+        except (TypeError, ValueError):
+            parts = {}
+        items = "".join(f"<dt>{p.replace('_', ' ')}</dt><dd>{html.escape(str(parts.get(p, '')))}</dd>"
+                        for p in RATIONALE_PARTS) if parts else f"<dd>{html.escape(row['rationale_text'])}</dd>"
+        image = np.asarray(row["image"].convert("RGB") if hasattr(row["image"], "convert") else row["image"])
+        blocks.append(
+            '<div class="rv-example">'
+            f'<figure>{_png_tag(image, alt=row["instruction"])}<figcaption>{html.escape(row["task"])}, episode '
+            f'{row["episode_index"]}, step {row["step_index"]}</figcaption></figure>'
+            f'<div><p><strong>{html.escape(row["instruction"])}</strong></p><dl>{items}</dl></div></div>')
+    return "".join(blocks) or "<p><em>No annotated frames.</em></p>"
+
+
+#: Arms whose episodes the book shows first.
+VIDEO_ARMS = ["refinevla", "baseline", "base", "oracle", "dropout", "after"]
+
+
+def episode_videos(run_dir, max_bytes: int = 4_000_000) -> str:
+    """HTML: one success and one failure per split (first fine-tuning seed, ReFineVLA first, then the baseline),
+    from the GIFs the evaluation writes (evaluate/<arm>[/seed<k>]/videos/<task>_<split>_<success|failure>.gif);
+    "" when the run has none."""
+    import base64
+    import html
+
+    root = Path(run_dir) / "evaluate"
+    found = sorted(root.glob("*/seed*/videos/*.gif")) + sorted(root.glob("*/videos/*.gif"))
+    order = lambda p: (VIDEO_ARMS.index(_arm_of(p)) if _arm_of(p) in VIDEO_ARMS else 99, str(p))
+    chosen: dict = {}
+    for path in sorted(found, key=order):
+        stem = path.stem
+        outcome = stem.rsplit("_", 1)[-1]
+        split = next((s for s in ("in_distribution", "variant") if f"_{s}_" in f"_{stem}"), "")
+        if outcome in ("success", "failure") and path.stat().st_size <= max_bytes:
+            chosen.setdefault((split, outcome), path)
+    cells = []
+    for (split, outcome), path in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][1] != "success")):
+        seed = path.parent.parent.name if path.parent.parent.name.startswith("seed") else ""
+        caption = f"{_arm_of(path)}{', ' + seed if seed else ''}: {split.replace('_', ' ')}, {outcome}"
+        data = base64.b64encode(path.read_bytes()).decode()
+        cells.append(f'<figure class="rv-video"><img src="data:image/gif;base64,{data}" alt="{html.escape(caption)}">'
+                     f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+    return f'<div class="rv-videos">{"".join(cells)}</div>' if cells else ""
+
+
+def _arm_of(path: Path) -> str:
+    return path.parent.parent.parent.name if path.parent.parent.name.startswith("seed") else path.parent.parent.name
+
+
+def attention_views(run_dir, n: int = 4) -> dict:
+    """What figures.plot_attention needs, from the attention stage's maps.npz and frames.csv and the annotated
+    frames: {query: (frames, maps by model, titles, masks, notes)} for the stage's query (action tokens by
+    default; the scores are of this one), then "rationale" (the rationale tokens' maps of the models that wrote
+    one) when the stage kept them. The ``n`` frames are the first whose score is defined for every model."""
+    import datasets
+
+    from .attention import load_maps
+
+    run_dir = Path(run_dir)
+    saved = load_maps(run_dir / "attention" / "maps.npz")
+    per_frame = pd.read_csv(run_dir / "attention" / "frames.csv", keep_default_na=False)
+    defined = per_frame.groupby("frame_index", sort=False)["reason"].apply(lambda r: (r == "").all())
+    index = list(saved["frame_index"])
+    picks = [k for k, f in enumerate(index) if defined.get(f, False)][:n] or list(range(min(n, len(index))))
+    ds = datasets.load_from_disk(str(run_dir / "annotate" / "dataset")).select([int(index[k]) for k in picks])
+    frames = [np.asarray(r["image"].convert("RGB")) for r in ds]
+    masks = [r.get("target_mask") for r in ds]
+    titles = [f"{saved['instructions'][k]}\n(frame {index[k]})" for k in picks]
+    lookup = per_frame.set_index(["model", "frame_index"])
+
+    def note(model, k):
+        rec = lookup.loc[(model, index[k])]
+        return f"share {rec['share']:.2f}, lift {rec['lift']:.2f}" if rec["reason"] == "" else "undefined"
+
+    query = saved["config"].get("query", "action")
+    views = {query: (frames, {m: saved["maps"][m][picks] for m in saved["maps"]}, titles, masks,
+                     {m: [note(m, k) for k in picks] for m in saved["maps"]})}
+    rationale = {m: v[picks] for m, v in saved.get("rationale_maps", {}).items() if np.isfinite(v[picks]).any()}
+    if rationale and query != "rationale":
+        views["rationale"] = (frames, rationale, titles, masks, None)
+    return views
+
+
+def attention_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """The attention-on-target scores for reading: share and lift with their 95% intervals."""
+    fmt = lambda v, lo, hi, pct: (("{:.1f}% [{:.1f}, {:.1f}]" if pct else "{:.2f} [{:.2f}, {:.2f}]")
+                                  .format(*(x * (100 if pct else 1) for x in (v, lo, hi))) if v == v else "undefined")
+    return pd.DataFrame({
+        "model": scores["model"], "task": scores["task"], "frames": scores["n_frames"].astype(int),
+        "undefined": scores["n_undefined"].astype(int),
+        "share on target [95% interval]": [fmt(*r, True) for r in
+                                           scores[["share", "share_ci_low", "share_ci_high"]].to_numpy()],
+        "lift [95% interval]": [fmt(*r, False) for r in scores[["lift", "lift_ci_low", "lift_ci_high"]].to_numpy()],
+        "target's share of the image": [f"{100 * v:.1f}%" if v == v else "" for v in scores["mask_share"]],
+    }).set_index(["model", "task"])

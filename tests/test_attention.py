@@ -180,15 +180,29 @@ def test_select_frames_is_seeded_and_prefers_visible_targets():
     assert sum(episodes[i] == 3 for i in more) == 1  # the fourth "b" frame can only be an empty-mask one
 
 
-def test_plot_overlays_side_by_side():
+def test_plot_attention_raw_frame_beside_overlays_with_colorbar_and_mask():
+    """Each row: the raw frame, one upsampled overlay per model, the target outlined, a colorbar; an undefined map
+    is labelled, not drawn."""
     import matplotlib.pyplot as plt
 
+    from refinevla import figures
+
     frames = [np.zeros((32, 32, 3), np.uint8)] * 2
-    grid = np.full((4, 4), 1 / 16)
-    fig = A.plot_overlays(frames, {"baseline": [grid, grid], "refinevla": [grid, np.full((4, 4), np.nan)]},
-                          ["pick up the cube", "lift it"], masks=[square_mask(32, slice(8, 16), slice(8, 16)), None])
-    assert len([ax for ax in fig.get_axes() if ax.get_title() in ("baseline", "refinevla")]) == 4
-    assert fig.subfigs[0]._suptitle.get_text() == "pick up the cube"
+    grid = np.zeros((4, 4))
+    grid[1, 1] = 1.0
+    fig = figures.plot_attention(frames, {"baseline": [grid, grid], "refinevla": [grid, np.full((4, 4), np.nan)]},
+                                 ["pick up the cube", "lift it"],
+                                 masks=[square_mask(32, slice(8, 16), slice(8, 16)), None], scale=4)
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes[:3]] == ["camera frame", "baseline", "ReFineVLA"]
+    assert axes[0].get_ylabel() == "pick up the cube"
+    overlay = axes[1].get_images()[1].get_array()
+    assert overlay.shape == (128, 128)                       # upsampled to 4x the 32-px frame
+    peak = np.unravel_index(np.nanargmax(overlay), overlay.shape)
+    assert 32 <= peak[0] < 64 and 32 <= peak[1] < 64          # the patch (1, 1) of a 4 x 4 grid
+    assert axes[3].get_ylabel().startswith("attention")      # the row's colorbar
+    assert len(axes[0].collections) == 1 and len(axes[4].collections) == 0   # mask outline only where one exists
+    assert any(t.get_text() == "undefined" for t in axes[6].texts)
     plt.close(fig)
 
 
@@ -286,6 +300,11 @@ def test_run_attention_stage(tiny_models, tmp_path):
     saved = A.load_maps(tmp_path / "maps.npz")
     assert list(saved["maps"]) == ["baseline", "refinevla"]
     assert saved["maps"]["refinevla"].shape == (8, 4, 4)
+    # the rationale tokens' maps, from the same pass: defined only for the model that writes a rationale
+    assert np.isnan(saved["rationale_maps"]["baseline"]).all()
+    wrote = np.isfinite(saved["rationale_maps"]["refinevla"]).all(axis=(1, 2))
+    assert wrote.any()
+    np.testing.assert_allclose(saved["rationale_maps"]["refinevla"][wrote].sum(axis=(1, 2)), 1.0, atol=1e-5)
     assert list(saved["frame_index"]) == A.select_frames(ds, 4, 0)
     frames = pd.read_csv(tmp_path / "frames.csv", keep_default_na=False)
     undefined = frames[frames["reason"] != ""]
@@ -294,32 +313,57 @@ def test_run_attention_stage(tiny_models, tmp_path):
     pd.testing.assert_frame_equal(A.summarize(pd.read_csv(tmp_path / "frames.csv")), table)
 
 
+def test_the_book_draws_action_and_rationale_maps_from_the_stage_outputs(tiny_models, tmp_path):
+    """report.attention_views reads a run's attention/ and annotate/dataset back into plot_attention's inputs:
+    the action tokens' maps of both models, the rationale tokens' maps of the model that wrote one."""
+    import matplotlib.pyplot as plt
+
+    from refinevla import figures, report
+
+    ds = masked_dataset()
+    ds.save_to_disk(str(tmp_path / "annotate" / "dataset"))
+    cfg = A.AttentionConfig(frames_per_task=2, seed=0, max_rationale_tokens=8, overlay_frames=2, threads=1,
+                            open_loop=False)
+    A.run_attention({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]}, ds, cfg,
+                    tmp_path / "attention")
+    views = report.attention_views(tmp_path, n=3)
+    assert list(views) == ["action", "rationale"]
+    frames, maps, titles, masks, notes = views["action"]
+    assert len(frames) == 3 and frames[0].shape[2] == 3 and list(maps) == ["baseline", "refinevla"]
+    assert maps["refinevla"].shape == (3, 4, 4) and notes["baseline"][0].startswith("share ")
+    assert list(views["rationale"][1]) == ["refinevla"]
+    fig = figures.plot_attention(*views["rationale"], title="rationale tokens")
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["camera frame", "ReFineVLA"]
+    plt.close(fig)
+
+
 def test_open_loop_action_errors(tiny_models, tmp_path):
     """frames.csv scores each decoded action against the expert's; the ReFineVLA model also after the
     teacher's rationale, which must be what it is actually conditioned on (a different rationale can change
     the action; the same one gives the same action as the policy)."""
     import pandas as pd
 
+    from refinevla import diagnostics as D
     from refinevla.policy import VLAPolicy, load_vla
 
     model, tok, _ = load_vla(tiny_models["refinevla"])
     expert = np.array([0.8, 0.1, -0.5, 0, 0, 0, 1.0], np.float32)
-    exact = A.action_errors(tok, tok.action_to_ids(expert), expert)
+    exact = D.action_errors(tok, tok.action_to_ids(expert), expert)
     assert exact == {"arm_bin_error": 0.0, "gripper_agrees": True}
     off = tok.ids_to_bins(tok.action_to_ids(expert))
     off[0] -= 6  # 0.8 sits near the top of the symmetric range
     off[6] = 0  # close instead of open
-    moved = A.action_errors(tok, [int(tok.action_ids[b]) for b in off], expert, prefix="x_")
+    moved = D.action_errors(tok, [int(tok.action_ids[b]) for b in off], expert, prefix="x_")
     assert moved == {"x_arm_bin_error": 1.0, "x_gripper_agrees": False}
 
     row = masked_dataset()[0]
     frame = dict(image=np.asarray(row["image"]), instruction=row["instruction"], state=np.asarray(row["state"]),
                  action=row["action"], rationale_text=row["rationale_text"])
-    forced = A.teacher_forced_errors(model, tok, frame, max_rationale_tokens=8)
+    forced = D.teacher_forced_errors(model, tok, frame, max_rationale_tokens=8)
     policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=8)
     _, ids = policy.generate_ids(frame["image"], frame["instruction"], frame["state"],
                                  rationale_ids=tok.text_ids(row["rationale_text"]))
-    assert forced == A.action_errors(tok, ids, row["action"], prefix="teacher_rationale_")
+    assert forced == D.action_errors(tok, ids, row["action"], prefix="teacher_rationale_")
 
     cfg = A.AttentionConfig(frames_per_task=2, seed=0, max_rationale_tokens=8, overlay_frames=2, threads=1)
     A.run_attention({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]},
@@ -328,7 +372,7 @@ def test_open_loop_action_errors(tiny_models, tmp_path):
     assert frames["arm_bin_error"].between(0, 255).all() and frames["gripper_agrees"].isin([True, False]).all()
     assert frames.loc[frames["model"] == "baseline", "teacher_rationale_arm_bin_error"].isna().all()
     assert frames.loc[frames["model"] == "refinevla", "teacher_rationale_arm_bin_error"].notna().all()
-    table = A.open_loop_table(frames)
+    table = D.open_loop_table(frames)
     assert table.loc[("refinevla", "(all)"), "n_frames"] == 4
     assert table.loc[("baseline", "(all)"), "arm_bin_error"] == pytest.approx(
         frames.loc[frames["model"] == "baseline", "arm_bin_error"].mean(), abs=1e-3)

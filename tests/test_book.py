@@ -76,8 +76,84 @@ def test_unknown_notebook_name(run_root):
         book.run_notebooks("smoke", {}, run="r", only=["99_nope"])
 
 
-def test_toc_lists_pages_then_the_run_notebooks(tmp_path):
-    toc = book.write_toc(tmp_path, "data/myrun")
-    text = toc.read_text()
-    assert "data/myrun/notebooks/01_data" in text and "data/myrun/notebooks/06_results" in text
-    assert text.index("book/method") < text.index("data/myrun/notebooks/01_data")
+def test_toc_puts_the_overview_first_then_the_paper_then_the_stages(tmp_path):
+    import yaml
+
+    toc = yaml.safe_load(book.write_toc(tmp_path, "data/myrun").read_text())
+    assert toc["root"] == "book/intro"
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    assert files[0] == "data/myrun/notebooks/00_overview"            # the first page after the intro
+    assert files.index("book/method") < files.index("data/myrun/notebooks/01_data")
+    assert [f.rsplit("/", 1)[1] for f in files if "/notebooks/" in f] == book.TOC_NOTEBOOKS
+    assert book.NOTEBOOKS[-1] == "00_overview"  # executed last: it reads every stage's outputs
+
+
+def test_parameters_cells_are_hidden_in_the_executed_copy(run_root):
+    """The parameters cell and the one Papermill injects are removed from the page (remove-cell)."""
+    nbs = run_root / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "01_data.ipynb", ['preset = "default"\nlambda_reason = None', "print('shown')"])
+    out = book.run_notebooks("smoke", {"lambda_reason": 0.5}, run="r", only=["01_data"], notebooks_dir=nbs)
+    cells = nbformat.read(out / "01_data.ipynb", as_version=4).cells
+    tags = [c.metadata.get("tags", []) for c in cells]
+    assert tags[0] == ["parameters", "remove-cell"]
+    assert tags[1] == ["injected-parameters", "remove-cell"] and "lambda_reason = 0.5" in cells[1].source
+    assert tags[2] == []
+
+
+def test_every_page_footer_names_the_commit_and_date(tmp_path):
+    import re
+
+    import yaml
+
+    info = book.build_info()
+    assert re.fullmatch(r"Built from (commit \S+( \(with uncommitted changes\))?|an unknown commit) on \d{4}-\d\d-\d\d \d\d:\d\d UTC\.", info)
+    conf = yaml.safe_load(book.write_config(tmp_path).read_text())
+    assert "Built from commit" in conf["html"]["extra_footer"]
+    assert conf["title"] == yaml.safe_load((book.REPO / "_config.yml").read_text())["title"]
+
+
+def test_repeated_inline_scripts_are_dropped(tmp_path):
+    page = tmp_path / "a.html"
+    page.write_text("<head><script>const A = 1</script>\n<script>const B = 2</script><script>const A = 1</script>"
+                    "<script src='x.js'></script></head>")
+    assert book.dedupe_scripts(tmp_path) == 1
+    text = page.read_text()
+    assert text.count("const A = 1") == 1 and "const B = 2" in text and "x.js" in text
+    assert book.dedupe_scripts(tmp_path) == 0
+
+
+def test_pages_workflow_builds_the_default_book_and_deploys_it():
+    import yaml
+
+    wf = yaml.safe_load((book.REPO / ".github" / "workflows" / "book.yml").read_text())
+    steps = wf["jobs"]["build"]["steps"]
+    runs = " ".join(s.get("run", "") for s in steps)
+    uses = [s.get("uses", "") for s in steps] + [s.get("uses", "") for s in wf["jobs"]["deploy"]["steps"]]
+    assert "make book PRESET=default" in runs and "tests/test_book_browser.py" in runs
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "data/default/book/_build/html"
+    assert any(u.startswith("actions/deploy-pages") for u in uses)
+    assert wf["permissions"]["pages"] == "write" and wf["permissions"]["id-token"] == "write"
+
+
+def test_a_stage_rerun_outside_the_book_reruns_the_notebook_that_shows_it(run_root, capsys):
+    """The pages never disagree with the run folder: the fine-tune notebook ran and wrote train/ (lambda 0.5); a
+    Papermill run of that notebook alone (or the CLI) retrains with lambda 0.25; the next book build re-runs the
+    notebook instead of keeping a page about a model that is no longer there."""
+    nbs = run_root / "nbs"
+    nbs.mkdir()
+    marker = run_root / "data" / "r" / "train" / "refinevla" / "seed0" / "_done.json"
+    write_notebook(nbs / "03_finetune.ipynb", [
+        'preset = "smoke"\nlambda_reason = None',
+        "import json, pathlib\n"
+        f"m = pathlib.Path({str(marker)!r}); m.parent.mkdir(parents=True, exist_ok=True)\n"
+        "m.write_text(json.dumps({'hash': f'lambda {lambda_reason}'}))"])
+    book.run_notebooks("smoke", {"lambda_reason": 0.5}, run="r", only=["03_finetune"], notebooks_dir=nbs)
+    capsys.readouterr()
+    book.run_notebooks("smoke", {"lambda_reason": 0.5}, run="r", only=["03_finetune"], notebooks_dir=nbs)
+    assert "not re-run" in capsys.readouterr().out  # its own outputs count, as they were when it finished
+    marker.write_text(json.dumps({"hash": "lambda 0.25"}))  # the stage re-run from outside the book
+    book.run_notebooks("smoke", {"lambda_reason": 0.5}, run="r", only=["03_finetune"], notebooks_dir=nbs)
+    assert "not re-run" not in capsys.readouterr().out
+    assert json.loads(marker.read_text())["hash"] == "lambda 0.5"  # the run folder matches the page again

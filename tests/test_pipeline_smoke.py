@@ -30,6 +30,10 @@ def built():
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     yield run_dir, proc.stdout
+    shots = run_dir / "book" / "screenshots"  # the browser test's page screenshots: kept as CI artefacts
+    if shots.is_dir():
+        shutil.rmtree(REPO / "data" / "ci-screenshots", ignore_errors=True)
+        shutil.copytree(shots, REPO / "data" / "ci-screenshots")
     # keep the run for inspection only when asked
     if not os.environ.get("REFINEVLA_KEEP_TEST_RUN"):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -100,4 +104,20 @@ def test_second_run_skips_unchanged_notebooks(built):
                            "-p", "lambda_reason", "0.3", "--no-build"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("not re-run") == 6
+    from refinevla.book import NOTEBOOKS
+
+    ran = [line for line in proc.stdout.splitlines() if line.endswith(": running")]
+    assert proc.stdout.count("not re-run") == len(NOTEBOOKS), ran
+
+
+def test_every_page_reads_in_a_browser(built):
+    """The smoke book in headless Chromium: no clipped table, broken image or video, console error or missing
+    figure on any page (tests/browser_check.py); screenshots of every page land in <run>/book/screenshots/."""
+    pytest.importorskip("playwright.sync_api")
+    if not shutil.which("chromium") and not shutil.which("chromium-browser") and not shutil.which("google-chrome"):
+        pytest.skip("no Chromium on this machine (make setup installs the system package)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser_check import check_book
+
+    failures = check_book(built[0] / "book")
+    assert not failures, "\n".join(failures)
