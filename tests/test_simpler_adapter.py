@@ -21,19 +21,7 @@ from refinevla.policy import ZeroPolicy
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _rx(a):
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-
-
-def _ry(a):
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
-def _rz(a):
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+from test_geometry import rx as _rx, ry as _ry, rz as _rz  # noqa: E402  the elementary rotations, written once
 
 
 def _rodrigues(rotvec):
