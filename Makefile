@@ -20,8 +20,7 @@ TORCH  ?= cpu
 TORCH_VERSION ?= 2.13.0
 # the tested versions of everything else (scripts/constraints.py writes it); CONSTRAINTS= installs the newest allowed
 CONSTRAINTS ?= constraints.txt
-# chromium: the browser test opens every page of the built book (tests/browser_check.py)
-SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0 chromium
+SYSTEM_PACKAGES = libegl1 libegl-mesa0 libgl1 libgles2 libglvnd0
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -61,6 +60,7 @@ setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 system:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \

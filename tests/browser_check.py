@@ -45,7 +45,8 @@ CHECK_PAGE = """() => {
 
 def chromium() -> str | None:
     """The browser: $REFINEVLA_CHROMIUM, else the system Chromium (no Playwright browser download)."""
-    exe = os.environ.get("REFINEVLA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    exe = (os.environ.get("REFINEVLA_CHROMIUM") or shutil.which("chromium") or shutil.which("google-chrome")
+           or "/usr/bin/chromium")
     return exe if Path(exe).exists() else None
 
 

@@ -2,7 +2,7 @@
 video, no console error, no error output, and the figures each chapter promises (tests/browser_check.py). A
 full-page screenshot of every page is kept under data/<run>/book/screenshots/ (a CI artefact).
 
-`pytest tests/test_book_browser.py -q`   (the smoke book, data/smoke/book, built first if it is missing: slow)
+`pytest tests/test_book_browser.py -q`   (the checker on small pages; the smoke book is checked by test_pipeline_smoke)
 `REFINEVLA_BOOK=data/default/book pytest tests/test_book_browser.py -q`   (any built book folder)
 
 Chromium is the system one (/usr/bin/chromium) or $REFINEVLA_CHROMIUM; Playwright is the Python package only.
@@ -21,15 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def book_dir():
-    """A built book folder: $REFINEVLA_BOOK, else the smoke run's (built, every stage at smoke size, if missing)."""
+    """A built book folder: $REFINEVLA_BOOK. Without it the whole-book check is left to
+    tests/test_pipeline_smoke.py, which builds the smoke book once and opens every page of it."""
     env = os.environ.get("REFINEVLA_BOOK")
-    folder = (REPO / env).resolve() if env else REPO / "data" / "smoke" / "book"
+    if not env:
+        pytest.skip("set REFINEVLA_BOOK=data/<run>/book to check a built book (the smoke book: test_pipeline_smoke)")
+    folder = (REPO / env).resolve()
     if not (folder / "_build" / "html" / "index.html").exists():
-        if env:
-            pytest.fail(f"REFINEVLA_BOOK={env}: no built book in {folder}")
-        from refinevla import book
-
-        book.make_book("smoke", run="smoke")
+        pytest.fail(f"REFINEVLA_BOOK={env}: no built book in {folder}")
     return folder
 
 
