@@ -153,11 +153,17 @@ class TrainConfig(_Checked):
     eval_batches: int = opt(0, "held-out batches per evaluation (0: the whole held-out set)", ge=0)
     cache_frozen: bool = opt(True, "fine-tunes: compute the frozen part once per frame and train the top K layers on "
                                    "the cached hidden states (exact); false: the whole model at every step")
+    augment_shift: int = opt(0, "random shift of each training image by up to this many pixels (edges replicated; "
+                                "DrQ/RAD's augmentation against overfitting a small image set); 0: none", ge=0, le=16)
 
     def check(self, prefix):
         if not self.rationale_parts or len(set(self.rationale_parts)) != len(self.rationale_parts):
             raise _bad(f"{prefix}.rationale_parts", self.rationale_parts,
                        f"one or more distinct parts of {list(RATIONALE_PARTS)}")
+        if self.augment_shift and self.cache_frozen and self.variant != "pretrain":
+            raise _bad(f"{prefix}.augment_shift", self.augment_shift,
+                       f"0 while {prefix}.cache_frozen is true (cached features are computed once per frame, "
+                       "unshifted)")
 
     @property
     def reasons_at_inference(self) -> bool:

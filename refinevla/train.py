@@ -193,15 +193,28 @@ def heldout_loss(model, data: dict, batch_size: int, device, max_batches: int = 
     return out
 
 
-def to_batch(data: dict, idx: np.ndarray, image_size: int, device) -> dict:
+def to_batch(data: dict, idx: np.ndarray, image_size: int, device, shift: int = 0, seed=()) -> dict:
+    """Rows ``idx`` as model inputs; ``shift`` > 0: each image moved by a random offset of up to ``shift`` pixels
+    per axis (edges replicated), drawn from ``seed`` (the same step gives the same shifts)."""
     from .model import preprocess_images
 
     batch = {k: torch.as_tensor(data[k][idx], device=device) for k in ("input_ids", "token_type_ids", "part",
                                                                       "attention_mask")}
     length = int(batch["attention_mask"].sum(1).max())  # trim the common right padding
     batch = {k: v[:, :length] for k, v in batch.items()}
-    batch["pixel_values"] = preprocess_images(data["images"][idx], image_size).to(device)
+    pixels = preprocess_images(data["images"][idx], image_size)
+    if shift:
+        pixels = random_shift(pixels, shift, np.random.default_rng(list(seed)))
+    batch["pixel_values"] = pixels.to(device)
     return batch
+
+
+def random_shift(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """[B, C, H, W] images, each translated by integers in [-shift, shift] per axis, edges replicated."""
+    h, w = pixels.shape[-2:]
+    padded = F.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, len(pixels)))
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -268,7 +281,8 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
                     part, hidden = batch.pop("part"), batch.pop("hidden_states")
                     logits = frozen.upper_logits(model, hidden, batch)
                 else:
-                    batch = to_batch(data, idx, size, acc.device)
+                    batch = to_batch(data, idx, size, acc.device, cfg.augment_shift,
+                                     (cfg.seed, step * cfg.grad_accum + micro, rank, 2))
                     part = batch.pop("part")
                     logits = model(**batch, use_cache=False).logits  # no KV cache in training
                 losses = joint_loss(logits, batch["input_ids"], part, cfg.lambda_reason)

@@ -333,3 +333,33 @@ def test_checkpoint_never_holds_non_finite_weights(base_dir, data, tmp_path):
         train_loop(_lora_model(base_dir, 1, "4bit"), data, TrainConfig(**{**every, "lr": float("inf")}), tmp_path)
     kept = _saved_weights(tmp_path / "ckpt")
     assert all(torch.isfinite(v).all() for v in kept.values()), (tmp_path / "ckpt" / "latest").read_text()
+
+
+def test_random_shift_moves_each_image_by_at_most_shift_pixels_and_is_seeded():
+    """DrQ-style augmentation: every image is its original translated by (dy, dx) in [-s, s]^2, edges replicated;
+    the same seed gives the same shifts (a resumed run sees the same batches)."""
+    import numpy as np
+    import torch
+
+    from refinevla.train import random_shift
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    a = random_shift(x, 2, np.random.default_rng([0, 5]))
+    assert torch.equal(a, random_shift(x, 2, np.random.default_rng([0, 5])))
+    assert a.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(2):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(a[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert len(windows) == 1
+    shifted = {tuple(random_shift(x[:1], 2, np.random.default_rng([0, k]))[0, 0, 0, :3].tolist()) for k in range(20)}
+    assert len(shifted) > 1  # the shift varies with the seed
+
+
+def test_augmentation_needs_the_images_not_cached_features():
+    from refinevla.config import ConfigError, resolve
+
+    assert resolve("smoke", {"pretrain.augment_shift": 4}).pretrain.augment_shift == 4
+    with pytest.raises(ConfigError, match="baseline.augment_shift"):
+        resolve("smoke", {"baseline.augment_shift": 4})
+    assert resolve("smoke", {"baseline.augment_shift": 4, "baseline.cache_frozen": False}).baseline.augment_shift == 4
