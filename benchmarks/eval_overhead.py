@@ -16,7 +16,6 @@ Results go to benchmarks/results/eval_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from refinevla.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from refinevla.policy import ZeroPolicy  # noqa: E402
 from refinevla.sim import make_task  # noqa: E402
+from results_file import write_result  # noqa: E402  (benchmarks/results_file.py)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_overhead.json"
 
@@ -139,10 +139,7 @@ def main(argv=None) -> dict:
     if result["policy"]:
         p = result["policy"]
         print(f"  policy     {p['mean_ms']:.1f} ms/action mean, {p['median_ms']:.1f} median, {p['p90_ms']:.1f} p90")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

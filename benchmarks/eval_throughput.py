@@ -37,6 +37,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from eval_overhead import time_raw  # noqa: E402  (the bare step + render loop, one per worker)
+from results_file import write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
 
@@ -174,10 +175,7 @@ def main(argv=None) -> dict:
           f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for r in runs:
         print(f"  {r['name']:<18} ratio {r['ratio_in_episode']:.2f} in episodes, {r['ratio']:.2f} end to end")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

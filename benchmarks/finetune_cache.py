@@ -23,7 +23,6 @@ from other processes on the machine affects them alike; the figures are medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from results_file import library_versions, write_result  # benchmarks/results_file.py
 
 HERE = Path(__file__).resolve().parent
 SIZE = "tiny"
@@ -186,10 +187,6 @@ def main() -> None:
                        ratio_cached_over_tied_uncached=round(med["cached"] / med["tied_uncached"], 3))
     print("\n" + "\n".join(f"{k:34s} {v}" for k, v in summary.items()))
 
-    import bitsandbytes
-    import peft
-    import transformers
-
     result = dict(benchmark="finetune_cache", size=SIZE, quantization="nf4",
                   settings=dict(top_k_layers=args.top_k, decoder_layers=s["text_layers"], batch=args.batch,
                                 rows=args.rows, tokens_per_row=[int(lengths.min()), int(lengths.max())],
@@ -201,14 +198,9 @@ def main() -> None:
                           "train.train_loop; medians over the timed steps; the cache built once for all rows"),
                   summary=summary, step_s=times, losses=losses, wall_s=round(time.time() - t_start, 1),
                   date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  versions=dict(python=platform.python_version(), torch=torch.__version__,
-                                transformers=transformers.__version__, peft=peft.__version__,
-                                bitsandbytes=bitsandbytes.__version__),
+                  versions=library_versions(),
                   machine=dict(cores=os.cpu_count(), platform=platform.platform(), load_avg=os.getloadavg()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

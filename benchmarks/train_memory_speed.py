@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import library_versions, write_result  # benchmarks/results_file.py
+
 HERE = Path(__file__).resolve().parent
 SIZE = "bench50m"
 TARGET_PEAK_RATIO = 0.4  # issue #4: the 4-bit variant's peak at most 0.4 x the fp32 one
@@ -313,11 +315,6 @@ def main() -> None:
         print(f"{s['malloc']:8s} {str(s['grad_checkpointing']):5s} nf4/fp32 peak ratio {s['peak_ratio']:.2f} "
               f"(target <= {TARGET_PEAK_RATIO:.2f}), speed ratio {s['speed_ratio']:.2f}")
 
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
     result = dict(benchmark="train_memory_speed", size=SIZE, model=model_info,
                   settings=dict(steps=args.steps, warmup=args.warmup, batch=args.batch, threads=args.threads,
                                 allocator_steps=args.allocator_steps if args.allocator else None,
@@ -329,15 +326,10 @@ def main() -> None:
                           "after warmup; gradient checkpointing (where on) non-reentrant, on the base before LoRA"),
                   target_peak_ratio=TARGET_PEAK_RATIO, summary=summary, rows=rows, wall_s=round(time.time() - t0, 1),
                   when=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  versions=dict(python=platform.python_version(), torch=torch.__version__,
-                                transformers=transformers.__version__, peft=peft.__version__,
-                                bitsandbytes=bitsandbytes.__version__),
+                  versions=library_versions(),
                   machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
                                load_avg=os.getloadavg()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
