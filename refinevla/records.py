@@ -13,13 +13,13 @@ as "in_distribution"). A backend adds its own columns after these (the SimplerEn
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import pandas as pd
 
 from .config import IN_DISTRIBUTION, SPLITS, VARIANT  # noqa: F401  (re-exported: the split names)
+from .stats import wilson
 
 RECORD_KEYS = ("task", "split", "seed", "success", "steps", "wall_s", "error")
 
@@ -91,15 +91,9 @@ def resume_records(path: Path, retry_errors: bool) -> list[dict]:
 # metrics
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (sound at k = 0 or k = n, unlike the normal one)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95% score interval for k successes in n trials (refinevla.stats.wilson, scipy's); (0, 1) at n = 0."""
+    return wilson(k, n)
 
 
 def summarise(records, tasks=None, split: str | None = None) -> pd.DataFrame:

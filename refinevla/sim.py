@@ -104,12 +104,6 @@ def from_robosuite_action(action) -> np.ndarray:
     return a
 
 
-def mat2rpy(R: np.ndarray) -> np.ndarray:
-    """Roll, pitch, yaw (rad) of a rotation matrix, R = Rz(yaw) Ry(pitch) Rx(roll) (the Bridge convention;
-    ``refinevla.geometry.matrix_to_euler``, which also reads MuJoCo's flat row-major 9-vector)."""
-    return matrix_to_euler(R)
-
-
 def has_state(task: str, backend: str | None = None) -> bool:
     """Every robosuite task observes the real end-effector pose and the measured gripper opening."""
     return True
@@ -310,7 +304,7 @@ class SimTask:
         opening = np.clip((q[0] - q[1]) / 0.08, 0.0, 1.0)  # Panda fingers: [0, 0.04] and [-0.04, 0] metres
         s = np.zeros(STATE_DIM, np.float32)
         s[:3] = data.site_xpos[site]
-        s[3:6] = mat2rpy(data.site_xmat[site])
+        s[3:6] = matrix_to_euler(data.site_xmat[site])  # R = Rz(yaw) Ry(pitch) Rx(roll)
         s[7] = opening
         return s
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-SPLITS = ("in_distribution", "variant")
+from .config import SPLITS  # in_distribution first, then variant
+
 KEYS = ["train_seed", "split", "task", "seed"]
 
 

@@ -5,7 +5,8 @@ import pytest
 pytest.importorskip("robosuite")
 
 from refinevla.schema import ACTION_DIM, STATE_DIM  # noqa: E402
-from refinevla.sim import TASKS, from_robosuite_action, make_task, mat2rpy, to_robosuite_action  # noqa: E402
+from refinevla.geometry import matrix_to_euler as mat2rpy  # noqa: E402
+from refinevla.sim import TASKS, from_robosuite_action, make_task, to_robosuite_action  # noqa: E402
 
 
 @pytest.fixture(scope="module")
