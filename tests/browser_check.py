@@ -58,16 +58,40 @@ def pages(html: Path) -> list[Path]:
                   and 'http-equiv="refresh"' not in p.read_text(errors="replace")[:2000].lower())
 
 
+#: milliseconds any one browser step may take (launch, load, check, screenshot) before it fails, naming page and step
+STEP_TIMEOUT_MS = 60_000
+#: a closed network: without these Chromium keeps retrying background connections (updates, sync, QUIC) on this
+#: machine, and a headless Chromium as root needs --no-sandbox
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _step(what: str, url: str, call):
+    """Run one browser step; a timeout or a crash fails with one line naming the step and the page."""
+    try:
+        return call()
+    except Exception as e:  # playwright's TimeoutError and Error
+        raise RuntimeError(f"browser step '{what}' failed on {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def launch(playwright, exe: str):
+    """Headless Chromium for the checks, started within STEP_TIMEOUT_MS or failing with a message."""
+    return _step("launch", exe, lambda: playwright.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS,
+                                                                   timeout=STEP_TIMEOUT_MS))
+
+
 def check_page(browser, url: str, screenshot: Path | None = None) -> dict:
     """{"problems": [...], "figures": n} for one page (console errors included)."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = _step("new page", url, lambda: browser.new_page(viewport={"width": 1280, "height": 900}))
+    page.set_default_timeout(STEP_TIMEOUT_MS)
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url, wait_until="load")
-    result = page.evaluate(CHECK_PAGE)
+    _step("load", url, lambda: page.goto(url, wait_until="load", timeout=STEP_TIMEOUT_MS))
+    result = _step("check", url, lambda: page.evaluate(CHECK_PAGE))
     if screenshot is not None:
-        page.screenshot(path=str(screenshot), full_page=True)
+        _step("screenshot", url, lambda: page.screenshot(path=str(screenshot), full_page=True,
+                                                         timeout=STEP_TIMEOUT_MS))
     page.close()
     result["problems"] += [f"console error: {e}" for e in errors]
     return result
@@ -86,8 +110,8 @@ def check_book(book_dir, exe: str | None = None) -> list[str]:
     exe = exe or chromium()
     if exe is None:
         raise RuntimeError("no Chromium: install it (apt-get install chromium) or set REFINEVLA_CHROMIUM")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+    with sync_playwright() as p:  # playwright gives each launch a fresh temporary profile
+        browser = launch(p, exe)
         for path in found:
             rel = path.relative_to(html)
             result = check_page(browser, path.as_uri(),

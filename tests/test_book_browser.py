@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("playwright.sync_api")
 
-from browser_check import CHECK_PAGE, check_book, check_page, chromium  # noqa: E402
+from browser_check import CHECK_PAGE, check_book, check_page, chromium, launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_the_check_catches_a_clipped_table_a_broken_image_and_a_console_error(ex
         f"<html><body><article style='width:600px'><div style='overflow-x:auto'><table><tr>{cells}</tr></table>"
         "</div></article></body></html>")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        browser = launch(p, exe)
         bad = check_page(browser, (tmp_path / "bad.html").as_uri(), tmp_path / "bad.png")["problems"]
         good = check_page(browser, (tmp_path / "good.html").as_uri())["problems"]
         browser.close()

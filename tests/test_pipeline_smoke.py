@@ -110,6 +110,7 @@ def test_second_run_skips_unchanged_notebooks(built):
     assert proc.stdout.count("not re-run") == len(NOTEBOOKS), ran
 
 
+@pytest.mark.timeout(600)
 def test_every_page_reads_in_a_browser(built):
     """The smoke book in headless Chromium: no clipped table, broken image or video, console error or missing
     figure on any page (tests/browser_check.py); screenshots of every page land in <run>/book/screenshots/."""
