@@ -37,7 +37,7 @@ book: setup
 	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
 
 test: setup
-	MUJOCO_GL=egl $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The kernel "Python (refinevla)" the notebooks name is registered inside .venv (refinevla.book.ensure_kernel);
 # as root, JupyterLab needs --allow-root. LAB_ARGS: more jupyter-lab options (e.g. --no-browser --port 8890).

@@ -100,7 +100,6 @@ def _realtime_threads() -> list[int]:
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     import os
-    import warnings
 
     flipped = _realtime_threads()
     if not flipped:
@@ -111,4 +110,5 @@ def pytest_runtest_teardown(item, nextitem):
             os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-    warnings.warn(f"{item.nodeid} left {len(flipped)} thread(s) under a real-time policy; reset to SCHED_OTHER")
+    pytest.fail(f"{item.nodeid} left {len(flipped)} thread(s) under a real-time policy (reset to SCHED_OTHER)",
+                pytrace=False)

@@ -17,6 +17,9 @@ import hashlib
 import http.server
 import io
 import json
+import subprocess
+import sys
+import tempfile
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -84,9 +87,27 @@ def _episode_arrays(flavour: str, episode: int, n: int):
     return state.astype(np.float32), action.astype(np.float32), rpy
 
 
+ENCODE_TIMEOUT_S = 120
+# SVT-AV1 (libsvtav1), run as root, moves the calling thread and every encoder thread it creates to the
+# real-time policy SCHED_FIFO, and they stay there after the encoder closes: a test process that encoded
+# one AV1 video then starves a 2-core machine whenever it spins (measured: the browser check hung 60 min).
+# So AV1 is encoded in a short-lived child process with a timeout; the test process never runs SVT.
+ISOLATED_CODECS = ("libsvtav1",)
+
+
 def write_video(path: Path, frames: list[np.ndarray], fps: float, codec: str) -> None:
     """Encode RGB frames to an mp4 with PyAV (yuv420p, high quality so solid colours survive)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if codec in ISOLATED_CODECS:
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / "frames.npy", np.stack(frames))
+            subprocess.run([sys.executable, __file__, str(Path(tmp) / "frames.npy"), str(path), str(fps), codec],
+                           check=True, timeout=ENCODE_TIMEOUT_S, capture_output=True)
+        return
+    _encode(path, frames, fps, codec)
+
+
+def _encode(path: Path, frames, fps: float, codec: str) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=int(fps))
         stream.height, stream.width = frames[0].shape[:2]
@@ -268,3 +289,7 @@ def serve_hub(repos: dict, commit: str = COMMIT):
     finally:
         server.shutdown()
         server.server_close()
+
+
+if __name__ == "__main__":   # the child process of write_video: frames.npy, output path, fps, codec
+    _encode(Path(sys.argv[2]), list(np.load(sys.argv[1])), float(sys.argv[3]), sys.argv[4])
