@@ -261,25 +261,32 @@ class RemoteBase:
         return dict(data, images=np.stack(images), n_rows=len(rows))
 
     # -- the model's inputs
-    def model_inputs(self, input_ids, pixel_values, attention_mask, token_type_ids) -> dict:
-        """Our pixels (``model.preprocess_images``: [-1, 1]) and tokens -> the remote forward's arguments.
+    def model_inputs(self, input_ids, pixel_values, attention_mask, token_type_ids, dtype=None) -> dict:
+        """Our pixels (``model.preprocess_images``: [-1, 1]) and tokens -> the remote forward's arguments; the
+        pixels (and SpatialVLA's intrinsic) in ``dtype``, the model's (``RemoteVLA.input_dtype``).
 
         SpatialVLA normalises [0, 1] pixels itself (its training data is not normalised by the processor) and
         reads the camera ``intrinsic``; it builds the prefix-LM mask only when ``labels`` are given, so labels are
         always passed (without them the first pass is bidirectional over the targets). OpenVLA takes each vision
-        backbone's normalisation, stacked on the channels (its fused DINOv2 + SigLIP backbone)."""
+        backbone's normalisation, stacked on the channels (its fused DINOv2 + SigLIP backbone).
+
+        The cast matters on a GPU, where the base is bf16 and evaluation runs without autocast: SpatialVLA's own
+        ``predict_action`` casts its inputs to bfloat16 and SimplerEnv's OpenVLA adapter sends bfloat16 pixels,
+        because modules such as ZoeDepth's BEiT patch convolution (transformers 4.47) and OpenVLA's timm backbone
+        convolve float32 pixels as they come and stop with a dtype error (tests/test_paper_dtypes.py)."""
         unit = (pixel_values.float() + 1) / 2
+        dtype = dtype or torch.float32
         labels = input_ids.masked_fill(token_type_ids == 0, -100)
         if self.kind == "spatialvla":
             intr = self.processor.dataset_intrinsics
             k = intr.get(self.unnorm_key, intr.get("default"))
-            intrinsic = None if k is None else k.to(unit.device).expand(len(unit), 3, 3)
-            return dict(input_ids=input_ids, pixel_values=unit, intrinsic=intrinsic, attention_mask=attention_mask,
-                        token_type_ids=token_type_ids, labels=labels, use_cache=False)
+            intrinsic = None if k is None else k.to(unit.device, dtype).expand(len(unit), 3, 3)
+            return dict(input_ids=input_ids, pixel_values=unit.to(dtype), intrinsic=intrinsic,
+                        attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels, use_cache=False)
         ip = self.processor.image_processor
         stacks = [(unit - torch.tensor(m, device=unit.device)[:, None, None]) / torch.tensor(s, device=unit.device)[
             :, None, None] for m, s in zip(ip.means, ip.stds)]
-        return dict(input_ids=input_ids, pixel_values=torch.cat(stacks, 1), attention_mask=attention_mask,
+        return dict(input_ids=input_ids, pixel_values=torch.cat(stacks, 1).to(dtype), attention_mask=attention_mask,
                     labels=labels, use_cache=False)
 
     def align_logits(self, logits, n_tokens: int):
@@ -312,8 +319,18 @@ class RemoteVLA(torch.nn.Module):
     def config(self):
         return self.inner.config
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the base's vision weights hold (its first floating-point weight that is not an adapter's: the
+        patch convolution, which bitsandbytes never quantises): bf16 for a GPU base, 4-bit or not; fp32 on a CPU."""
+        for name, p in self.inner.named_parameters():
+            if p.is_floating_point() and "lora_" not in name:
+                return p.dtype
+        return torch.float32
+
     def forward(self, input_ids, pixel_values, attention_mask, token_type_ids, use_cache=False, **_):
-        out = self.inner(**self.base.model_inputs(input_ids, pixel_values, attention_mask, token_type_ids))
+        inputs = self.base.model_inputs(input_ids, pixel_values, attention_mask, token_type_ids, self.input_dtype)
+        out = self.inner(**inputs)
         return SimpleNamespace(logits=self.base.align_logits(out.logits, input_ids.shape[1]))
 
     def get_output_embeddings(self):

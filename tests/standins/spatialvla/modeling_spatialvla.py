@@ -12,7 +12,7 @@ EOS or 256 tokens) and the ``from_pretrained`` hook that copies the spatial embe
 Left out: the ZoeDepth depth model and the ego-3D position encoding (``use_vision_zoe`` must be False), flash
 attention, and transformers 4.x cache classes (the loop in ``predict_action`` recomputes the sequence; the
 original calls ``generate`` with a HybridCache), torchvision (normalisation written out). ``predict_action`` casts to the model's dtype, the original to
-bfloat16 (a GPU model).
+bfloat16 (a GPU model). ``get_image_features`` convolves the pixels uncast, as ZoeDepth's BEiT embedding does.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -134,6 +134,12 @@ class SpatialVLAForConditionalGeneration(SpatialVLAPreTrainedModel):
         return causal_mask
 
     def get_image_features(self, pixel_values: torch.FloatTensor, intrinsic: torch.FloatTensor):
+        # The original also feeds the pixels to ZoeDepth, whose BEiT patch convolution (transformers 4.47.1) takes
+        # them as they come, without casting to its weights' dtype: a bf16 model given float32 pixels stops there.
+        # The stand-in has no depth model, so it runs its SigLIP patch convolution the same way (result unused).
+        tower = self.vision_tower
+        patch = getattr(tower, "vision_model", tower).embeddings.patch_embedding  # transformers 4.x nests it
+        nn.functional.conv2d(pixel_values, patch.weight, patch.bias, stride=patch.stride)
         mean = torch.tensor(SIGLIP_MEAN, device=pixel_values.device, dtype=pixel_values.dtype)[:, None, None]
         std = torch.tensor(SIGLIP_STD, device=pixel_values.device, dtype=pixel_values.dtype)[:, None, None]
         siglip_pixel_values = (pixel_values - mean) / std  # the original: torchvision's TF.normalize
