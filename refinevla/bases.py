@@ -102,28 +102,22 @@ def detect_kind(path) -> str:
     return kind if kind in REMOTE_KINDS else "paligemma"
 
 
-def _dtype_kwarg(dtype) -> dict:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype" if major >= 5 else "torch_dtype": dtype}
-
-
 def load_remote(path, kind: str, quantization: str = "none", attn_implementation: str = "eager"):
     """(model, processor) of a remote-code base, 4-bit / 8-bit as ``model.load_base`` loads PaliGemma."""
     import transformers
     from transformers import AutoModel, AutoProcessor
 
-    from .model import _local_device, _quantization_config, keep_4bit_training_kernel
+    from .model import (_local_device, _quantization_config, dtype_kwarg, keep_4bit_training_kernel,
+                        quantized_load_kwargs)
 
     if kind not in REMOTE_KINDS:
         raise ValueError(f"model.base={kind!r} is not a remote-code base; choose from {list(REMOTE_KINDS)}")
     kwargs = dict(trust_remote_code=True, attn_implementation=attn_implementation)
     qc = _quantization_config(quantization)
-    if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": _local_device()})
+    if qc is not None:  # with the dtype of the unquantised modules (model.quantized_load_kwargs)
+        kwargs.update(quantized_load_kwargs(qc))
     elif torch.cuda.is_available():
-        kwargs.update(device_map={"": _local_device()}, **_dtype_kwarg(torch.bfloat16))
+        kwargs.update(device_map={"": _local_device()}, **dtype_kwarg(torch.bfloat16))
     # OpenVLA registers AutoModelForVision2Seq (transformers 4.x; AutoModelForImageTextToText in 5.x)
     auto = AutoModel if kind == "spatialvla" else getattr(transformers, "AutoModelForVision2Seq", None)
     try:

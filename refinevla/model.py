@@ -45,12 +45,33 @@ def build_tiny_vla(size: str, vocab_size: int, image_token_id: int, pad_token_id
     return model
 
 
+def compute_dtype() -> torch.dtype:
+    """The dtype of a loaded base's unquantised modules and of 4-bit compute: bf16 on a GPU, fp32 on a CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def dtype_kwarg(dtype) -> dict:
+    """``from_pretrained``'s dtype argument under the installed transformers (``torch_dtype`` before 5.0)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
+def quantized_load_kwargs(qc) -> dict:
+    """``from_pretrained`` arguments of a bitsandbytes load: the config, this process's device, and the dtype of every
+    module bitsandbytes does not quantise. Without a dtype, transformers 4.x's bnb quantizers
+    (``update_torch_dtype`` in ``quantizers/quantizer_bnb_4bit.py``) load those modules (embeddings, norms,
+    convolutions) in float16, whatever the compute dtype; OpenVLA's ``vla-scripts/finetune.py`` passes
+    ``torch_dtype=torch.bfloat16`` beside its BitsAndBytesConfig for this reason."""
+    return dict(quantization_config=qc, device_map={"": _local_device()}, **dtype_kwarg(compute_dtype()))
+
+
 def _quantization_config(quantization: str):
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+                                  bnb_4bit_compute_dtype=compute_dtype())
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -71,7 +92,7 @@ def load_base(path: str | Path, quantization: str = "none", attn_implementation:
     kwargs = dict(attn_implementation=attn_implementation, use_safetensors=True)
     qc = _quantization_config(quantization)
     if qc is not None:  # bitsandbytes places the weights itself: on this process's GPU under accelerate launch
-        kwargs.update(quantization_config=qc, device_map={"": _local_device()})
+        kwargs.update(quantized_load_kwargs(qc))
     elif torch.cuda.is_available():
         kwargs.update(dtype=torch.bfloat16, device_map={"": _local_device()})
     model = PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)

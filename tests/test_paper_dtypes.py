@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent / "standins"))
 from build import STATS, build_spatialvla  # noqa: E402
 
 from refinevla import bases  # noqa: E402
+from refinevla import model as model_mod  # noqa: E402
 from refinevla.bases import RemoteBase, RemotePolicy, RemoteVLA  # noqa: E402
 
 torch.set_num_threads(1)
@@ -57,3 +58,44 @@ def test_bf16_base_acts_through_the_evaluation_path(standin):
     with pytest.raises(RuntimeError, match="(?i)type|dtype"):  # what the decode path did before: fp32 pixels
         with torch.inference_mode():
             model(**base.model_inputs(ids, pixels, torch.ones_like(ids), torch.zeros_like(ids)))
+
+
+def test_4bit_load_names_the_dtype_of_the_unquantised_modules(monkeypatch):
+    """transformers 4.x's bnb quantizers load every module they do not quantise in float16 unless from_pretrained
+    is given a dtype: both loaders pass the compute dtype, under the argument name of the installed version."""
+    import transformers
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(path, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(model_mod, "compute_dtype", lambda: torch.bfloat16)  # a GPU's
+    monkeypatch.setattr(transformers, "__version__", "4.47.1")
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", record)
+    monkeypatch.setattr(transformers.PaliGemmaForConditionalGeneration, "from_pretrained", record)
+    for load in (lambda: bases.load_remote("x", "spatialvla", "4bit"), lambda: model_mod.load_base("x", "4bit"),
+                 lambda: bases.load_remote("x", "spatialvla", "8bit")):
+        with pytest.raises(Stop):
+            load()
+    for kwargs in seen:
+        assert kwargs["torch_dtype"] == torch.bfloat16 and "dtype" not in kwargs
+    assert seen[0]["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    assert model_mod.dtype_kwarg(torch.bfloat16) == {"dtype": torch.bfloat16}
+
+
+def test_4bit_bf16_base_loads_without_float16_and_acts(standin, monkeypatch):
+    """The 4-bit stand-in loaded as on a GPU (bf16 compute and unquantised modules): no float16 weight anywhere,
+    and the evaluation path acts with it."""
+    monkeypatch.setattr(model_mod, "compute_dtype", lambda: torch.bfloat16)
+    policy, model = _bf16_policy(standin, "4bit")
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    assert torch.float16 not in floats and torch.bfloat16 in floats
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert policy.vla.input_dtype == torch.bfloat16
+    _check_actions(policy.predict(np.full((32, 32, 3), 90, np.uint8), "pick up the red cube")[1])
