@@ -1,0 +1,45 @@
+"""The paper-scale environment's pins (envs/paper-spatialvla.txt, make paper-env) against the features the code uses.
+
+    .venv/bin/pytest tests/test_paper_pins.py -q
+
+The paper environment cannot be built here (a second environment with transformers 4.47), so its pins are parsed and
+every version they allow is checked against the first release of each feature the code calls.
+"""
+import inspect
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+PINS = ROOT / "envs" / "paper-spatialvla.txt"
+#: package -> (feature as written in the code, the first release that has it, the function that uses it)
+FEATURES = {"peft": [("exclude_modules=", "0.14.0", "add_lora"),  # peft 0.14.0 release notes: LoraConfig
+                     ("trainable_token_indices=", "0.15.0", "add_lora")]}  # peft 0.15.0: trainable tokens
+#: released versions around the bounds (minor releases and their last patches)
+RELEASES = {"peft": ["0.12.0", "0.13.0", "0.13.2", "0.14.0", "0.15.0", "0.15.2", "0.16.0", "0.17.1"]}
+
+
+def pins() -> dict[str, Requirement]:
+    lines = [ln.split("#")[0].strip() for ln in PINS.read_text().splitlines()]
+    return {r.name.lower(): r for r in map(Requirement, filter(None, lines))}
+
+
+def test_pins_allow_only_versions_with_the_features_the_code_uses():
+    from refinevla import model
+
+    required = pins()
+    for package, features in FEATURES.items():
+        allowed = [v for v in RELEASES[package] if required[package].specifier.contains(v)]
+        assert allowed, f"{package}: {required[package]} allows none of {RELEASES[package]}"
+        for feature, first, where in features:
+            assert feature in inspect.getsource(getattr(model, where)), f"{feature} is no longer used: update FEATURES"
+            too_old = [v for v in allowed if Version(v) < Version(first)]
+            assert not too_old, f"{PINS.name}: {required[package]} allows {too_old}, but {where} uses {feature} " \
+                                f"(peft >= {first})"
+
+
+def test_pins_keep_the_remote_codes_transformers():
+    required = pins()
+    assert str(required["transformers"].specifier) == "==4.47.1"  # SpatialVLA's remote code (book/paper.md)
+    assert required["peft"].specifier.contains("0.15.0") and not required["peft"].specifier.contains("0.14.0")
