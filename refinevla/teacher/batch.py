@@ -73,13 +73,15 @@ class BatchLedger:
 # -----------------------------------------------------------------------------
 # Submitting
 
-def batch_line(job, cfg) -> bytes:
-    """One JSONL line: the online request body, addressed by the job's cache key."""
-    return (json.dumps({"custom_id": job.key, "method": "POST", "url": ENDPOINT,
-                        "body": request_body(cfg, build_messages(job))}, separators=(",", ":")) + "\n").encode()
+def batch_line(job, cfg, temperature: bool | None = None) -> bytes:
+    """One JSONL line: the online request body, addressed by the job's cache key (``temperature``: as
+    ``request.request_body``; False when the online preflight found the endpoint refusing it)."""
+    body = request_body(cfg, build_messages(job), temperature=temperature)
+    return (json.dumps({"custom_id": job.key, "method": "POST", "url": ENDPOINT, "body": body},
+                       separators=(",", ":")) + "\n").encode()
 
 
-def write_files(jobs, cfg, folder: Path):
+def write_files(jobs, cfg, folder: Path, temperature: bool | None = None):
     """Yield (path, sha256, keys) of JSONL input files of at most batch_max_requests lines and batch_max_mb MB,
     written as the jobs stream in (only one file's worth of frames is ever held)."""
     limit = int(cfg.batch_max_mb * 1e6)
@@ -91,7 +93,7 @@ def write_files(jobs, cfg, folder: Path):
         return path, sha.hexdigest(), keys
 
     for job in jobs:
-        line = batch_line(job, cfg)
+        line = batch_line(job, cfg, temperature)
         if handle is not None and (len(keys) >= cfg.batch_max_requests or size + len(line) > limit):
             yield close()
             handle = None
@@ -231,7 +233,7 @@ def collect(client, batch, keys: list[str]) -> list[tuple[str, Answer]]:
 # -----------------------------------------------------------------------------
 # The whole round
 
-def run_batches(client, cache, misses, cfg, on_answers) -> dict:
+def run_batches(client, cache, misses, cfg, on_answers, temperature: bool | None = None) -> dict:
     """Collect the batches an earlier run left open, submit the misses they do not cover, wait, and pass every
     collected batch's (key, Answer) list to `on_answers` (which stores them) before marking it collected.
     Returns what happened: batches submitted / collected / still running."""
@@ -247,7 +249,7 @@ def run_batches(client, cache, misses, cfg, on_answers) -> dict:
     covered = {key for row in earlier for key in row["keys"]}
     fresh = (job for job in misses if job.key not in covered)
     submitted = []
-    for path, sha, keys in write_files(fresh, cfg, folder):
+    for path, sha, keys in write_files(fresh, cfg, folder, temperature):
         try:
             submitted.append({"sha": sha, "keys": keys, "batch_id": submit(client, ledger, path, sha, keys, cfg)})
         finally:

@@ -8,7 +8,9 @@
 - Errors that asking again cannot fix (400, 401, 403, 404, 422) end the frame at once, with a `kind` the run
   uses to stop early when the first frames all fail the same way (refinevla/teacher/remote.py). A 400 asking for
   `max_completion_tokens` instead of `max_tokens` (or the reverse) switches the name once for the whole run
-  (token_limit_param "auto") and resends, without spending an attempt.
+  (token_limit_param "auto") and resends, without spending an attempt. A 400 refusing `temperature` (OpenAI's
+  reasoning models take only their default; by name they are never sent one) drops it for the whole run the same
+  way; either change is said once on stdout.
 - At most `concurrency` requests are in flight (`bounded_map`: a thread pool over the thread-safe sync client).
   A 429 with Retry-After pauses every worker, not only the one that was told.
 - The API key is read from the environment variable *named* by `api_key_env` and never written anywhere
@@ -28,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 from .cache import Answer
-from .request import TOKEN_PARAMS, Job, build_messages, parse_answer, repair_prompt, request_body, token_param
+from .request import (TOKEN_PARAMS, Job, build_messages, parse_answer, refuses_temperature, repair_prompt,
+                      request_body, sends_temperature, token_param)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -127,9 +130,25 @@ class HttpTeacher:
                                     timeout=cfg.timeout_s, max_retries=0)
         self.throttle = Throttle()
         self.limit_param = token_param(cfg)  # switched once if the endpoint asks for the other name
+        self.temperature = sends_temperature(cfg)  # dropped once if the endpoint refuses it
+        self.said: set[str] = set()  # what has been said on stdout already (once per run)
+        self.lock = threading.Lock()
         self.stopped = threading.Event()     # set when the run stops early: frames in flight end at their next try
 
-    def complete(self, messages: list[dict], answer: Answer, limit_param: str) -> tuple[str | None, str | None]:
+    def say_once(self, key: str, text: str) -> None:
+        with self.lock:
+            if key in self.said:
+                return
+            self.said.add(key)
+        print(f"annotate: {text}", flush=True)
+
+    def drop_temperature(self, error: Exception) -> None:
+        self.temperature = False  # for every worker from now on
+        self.say_once("temperature", f"{self.cfg.model} refused temperature={self.cfg.temperature} "
+                                     f"({str(error)[:160]}); sent without temperature from now on")
+
+    def complete(self, messages: list[dict], answer: Answer, limit_param: str,
+                 temperature: bool = True) -> tuple[str | None, str | None]:
         """One request; adds its usage to `answer`; returns the message text and the finish reason.
 
         The body is posted through the client's own `post` (same base URL, auth, timeout and error classes as
@@ -137,8 +156,8 @@ class HttpTeacher:
         transformer, a third of the client's CPU per request here (benchmarks/annotate_throughput.py), and
         our body is already plain JSON."""
         answer.requests += 1
-        response = self.client.post("/chat/completions", body=request_body(self.cfg, messages, limit_param),
-                                    cast_to=self.openai.types.chat.ChatCompletion)
+        body = request_body(self.cfg, messages, limit_param, temperature)
+        response = self.client.post("/chat/completions", body=body, cast_to=self.openai.types.chat.ChatCompletion)
         if response.usage is not None:
             answer.input_tokens += response.usage.prompt_tokens or 0
             answer.output_tokens += response.usage.completion_tokens or 0
@@ -164,21 +183,29 @@ class HttpTeacher:
 
     def ask(self, job: Job, answer: Answer) -> None:
         base = build_messages(job)
-        messages, attempt, switched = base, 0, False
+        messages, attempt, switched, dropped = base, 0, False, False
         while attempt < self.cfg.max_attempts:
             if self.stopped.is_set():
                 answer.error = answer.error or "not asked: the run stopped early"
                 return
             attempt += 1
             self.throttle.wait()
-            sent = self.limit_param
+            sent, sent_temperature = self.limit_param, self.temperature
             try:
-                content, finish = self.complete(messages, answer, sent)
+                content, finish = self.complete(messages, answer, sent, sent_temperature)
             except (self.openai.APIError, EmptyChoices) as e:
                 answer.error, answer.kind = describe(e), ""
                 if not switched and self.cfg.token_limit_param == "auto" and asks_other_token_param(e, sent):
                     self.limit_param = TOKEN_PARAMS[1 - TOKEN_PARAMS.index(sent)]  # for every worker from now on
+                    self.say_once("token", f"{self.cfg.model} asked for {self.limit_param} instead of {sent}: "
+                                           f"sent as {self.limit_param} from now on")
                     switched, attempt = True, attempt - 1  # resent at once, not an attempt
+                    continue
+                if not dropped and sent_temperature and (refuses_temperature(e) or (
+                        getattr(e, "status_code", None) == 400 and not self.temperature)):
+                    if self.temperature:
+                        self.drop_temperature(e)
+                    dropped, attempt = True, attempt - 1  # resent at once without it, not an attempt
                     continue
                 if getattr(e, "status_code", None) == 400 and sent != self.limit_param and not switched:
                     # another worker switched the name while this request was in flight

@@ -144,7 +144,7 @@ class HttpRun:
                                                   timeout=max(self.cfg.timeout_s, 600.0))
         # the batch lines carry the token-limit name the preflight found the endpoint to take
         cfg = dataclasses.replace(self.cfg, token_limit_param=self.teacher.limit_param)
-        info = run_batches(client, self.cache, unique_misses(), cfg, on_answers)
+        info = run_batches(client, self.cache, unique_misses(), cfg, on_answers, self.teacher.temperature)
         ids = ", ".join(info["batches_running"])
         for job in [job for jobs_ in waiting.values() for job in jobs_]:
             self.store([(job, Answer(error=f"batch still running ({ids}): re-run annotate to collect it"))])
@@ -155,7 +155,8 @@ class HttpRun:
         dataset_in = totals["input_tokens"] + cached["input_tokens"]
         dataset_out = totals["output_tokens"] + cached["output_tokens"]
         summary = {"teacher": "http", "model": cfg.model, "prompt_version": PROMPT_VERSION,
-                   "token_limit_param": self.teacher.limit_param, "cache_hits": cached["hits"],
+                   "token_limit_param": self.teacher.limit_param, "temperature_sent": self.teacher.temperature,
+                   "cache_hits": cached["hits"],
                    "requests_sent": totals["requests"], "retries": totals["retries"], "repairs": totals["repairs"],
                    "input_tokens": totals["input_tokens"], "output_tokens": totals["output_tokens"],
                    "cost_usd": cost_usd(cfg, totals["input_tokens"], totals["output_tokens"]),

@@ -2,7 +2,8 @@
 
 One request body serves online requests and Batch API lines alike. The body fits today's models:
 `max_completion_tokens` instead of `max_tokens` where the endpoint wants it (OpenAI's gpt-5 and o-series refuse
-`max_tokens` with a 400; https://platform.openai.com/docs/api-reference/chat/create), `reasoning_effort` (OpenAI;
+`max_tokens` with a 400; https://platform.openai.com/docs/api-reference/chat/create), no `temperature` for those
+models (any value but 1 is a 400 there: https://github.com/tmc/langchaingo/issues/1355), `reasoning_effort` (OpenAI;
 Gemini's OpenAI-compatible endpoint maps "none" / "low" / "medium" / "high" to its thinking budget,
 https://ai.google.dev/gemini-api/docs/openai), and `extra_body`, passed through as is.
 
@@ -84,10 +85,27 @@ def build_messages(job: Job) -> list[dict]:
                 {"type": "image_url", "image_url": {"url": png_data_url(job.image)}}]}]
 
 
-def wants_completion_tokens(model: str) -> bool:
-    """OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse `max_tokens`: they take max_completion_tokens."""
+def reasoning_model(model: str) -> bool:
+    """OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...), by name."""
     name = model.rsplit("/", 1)[-1].lower()
     return bool(re.match(r"(o\d|gpt-5)", name))
+
+
+def wants_completion_tokens(model: str) -> bool:
+    """OpenAI's reasoning models refuse `max_tokens`: they take max_completion_tokens."""
+    return reasoning_model(model)
+
+
+def sends_temperature(cfg) -> bool:
+    """Whether `temperature` goes in the body: not for OpenAI's reasoning models, which answer 400 to any value but
+    their default 1 ("Unsupported value: 'temperature' does not support 0 with this model"); an online run also
+    drops it when another endpoint's 400 names it (refinevla.teacher.online)."""
+    return not reasoning_model(cfg.model)
+
+
+def refuses_temperature(error: Exception) -> bool:
+    """A 400 that refuses the temperature we sent (OpenAI's unsupported_value / unsupported_parameter text)."""
+    return getattr(error, "status_code", None) == 400 and "temperature" in str(error).lower()
 
 
 def token_param(cfg) -> str:
@@ -98,10 +116,12 @@ def token_param(cfg) -> str:
     return "max_completion_tokens" if wants_completion_tokens(cfg.model) else "max_tokens"
 
 
-def request_body(cfg, messages: list[dict], limit_param: str | None = None) -> dict:
-    """The chat-completions request body (the same online and in a batch file); `extra_body` goes in last."""
-    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-            limit_param or token_param(cfg): cfg.max_tokens}
+def request_body(cfg, messages: list[dict], limit_param: str | None = None, temperature: bool | None = None) -> dict:
+    """The chat-completions request body (the same online and in a batch file); `extra_body` goes in last.
+    ``temperature``: send cfg.temperature (None: ``sends_temperature(cfg)``)."""
+    body = {"model": cfg.model, "messages": messages, limit_param or token_param(cfg): cfg.max_tokens}
+    if sends_temperature(cfg) if temperature is None else temperature:
+        body["temperature"] = cfg.temperature
     if cfg.json_schema:
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "rationale", "strict": True, "schema": RESPONSE_SCHEMA}}
