@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, in any import mode
 from refinevla.config import resolve  # noqa: E402
 from refinevla.teacher import annotate  # noqa: E402
-from refinevla.teacher.cost import image_tokens  # noqa: E402
+from refinevla.teacher.cost import PRICES, image_tokens  # noqa: E402
 from test_teacher import make_demos  # noqa: E402
 from test_teacher_http import (SECRET, assert_each_row_has_its_own_answer, assert_secret_nowhere,  # noqa: E402
                                cost, http_cfg)
@@ -122,7 +122,12 @@ def test_dry_run_counts_the_providers_image_tokens(server, tmp_path):
         (counts["gemini-2.5-flash"]["input_tokens"] * 0.30 + 10 * 120 * 2.50) / 1e6)
 
 
-def test_the_paper_preset_uses_a_current_teacher_without_thinking():
+def test_the_paper_preset_uses_a_current_ga_teacher_with_gemini_3_parameters():
+    """gemini-2.5-flash was shut down in 2026 (https://ai.google.dev/gemini-api/docs/deprecations); Gemini 3 keeps
+    temperature at 1.0, its OpenAI endpoint takes reasoning_effort none / low / medium / high, and thinking counts
+    against max_tokens."""
     a = resolve("paper").annotate
-    assert a.model == "gemini-2.5-flash" and a.reasoning_effort == "none" and a.preflight >= 1
+    assert a.model.startswith("gemini-3") and "preview" not in a.model and a.preflight >= 1
+    assert a.temperature == 1.0 and a.reasoning_effort in ("none", "low", "medium", "high") and a.max_tokens >= 1024
+    assert a.model in PRICES  # the dry run prices it
     assert a.base_url.startswith("https://generativelanguage.googleapis.com/") and a.api_key_env == "GEMINI_API_KEY"

@@ -1,7 +1,7 @@
 """Stage `annotate`: a teacher writes a four-part rationale for every (key) frame of the demos.
 
     annotate(demos, AnnotateConfig(), "data/run/annotate")              # privileged, offline
-    annotate(demos, AnnotateConfig(teacher="http", model="gemini-2.5-flash", reasoning_effort="none",
+    annotate(demos, AnnotateConfig(teacher="http", model="gemini-3.8-flash", reasoning_effort="low", temperature=1.0,
              base_url="https://generativelanguage.googleapis.com/v1beta/openai/",
              api_key_env="GEMINI_API_KEY", stride=10, dry_run=True), out_dir)
 """

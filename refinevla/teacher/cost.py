@@ -17,9 +17,11 @@ import math
 from .cache import AnswerCache
 from .request import SYSTEM_PROMPT, jobs, user_text
 
-#: $ per 1M tokens (input, output): list prices as published by the providers (2025); check yours and override
-#: with AnnotateConfig.prices. Local servers cost nothing.
-PRICES = {"gemini-2.5-flash": (0.30, 2.50), "gemini-2.5-flash-lite": (0.10, 0.40),
+#: $ per 1M tokens (input, output): list prices as published by the providers (2025; gemini-3.8-flash: its
+#: December 2026 price, https://ai.google.dev/gemini-api/docs/pricing); check yours and override with
+#: AnnotateConfig.prices. Local servers cost nothing.
+PRICES = {"gemini-3.8-flash": (0.75, 3.75),
+          "gemini-2.5-flash": (0.30, 2.50), "gemini-2.5-flash-lite": (0.10, 0.40),
           "gemini-2.0-flash": (0.10, 0.40), "gemini-2.0-flash-lite": (0.075, 0.30),
           "gpt-5": (1.25, 10.00), "gpt-5-mini": (0.25, 2.00), "gpt-5-nano": (0.05, 0.40),
           "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1-mini": (0.40, 1.60),
