@@ -42,6 +42,11 @@ from .schema import ACTION_DIM
 BASE_KINDS = ("paligemma", "spatialvla", "openvla")
 REMOTE_KINDS = ("spatialvla", "openvla")
 DEFAULT_UNNORM_KEY = {"spatialvla": "bridge_orig/1.0.0", "openvla": "bridge_orig"}
+#: the statistics each base's own SimplerEnv adapter un-normalises with, per robot
+#: (simpler_env/policies/spatialvla/spatialvla_model.py, SimplerEnv-OpenVLA policies/openvla/openvla_model.py);
+#: used when model.unnorm_key is left '' (``RemoteBase.select_robot``), a set key is used for every robot
+ROBOT_UNNORM_KEY = {"spatialvla": {"widowx": "bridge_orig/1.0.0", "google_robot": "fractal20220817_data/0.1.0"},
+                    "openvla": {"widowx": "bridge_orig", "google_robot": "fractal20220817_data"}}
 META_FILE = "remote_base.json"
 PREFIX, REASON, ACTION = 0, 1, 2  # as refinevla.train
 OPENVLA_EMPTY = 29871  # Llama's "" token that OpenVLA's predict_action appends after "Out:"
@@ -138,8 +143,10 @@ class RemoteBase:
     the statistics the actions were normalised with."""
 
     def __init__(self, kind: str, processor, config, unnorm_key: str = "", stats: dict | None = None,
-                 fit_actions=None):
-        """``stats``: saved statistics; else the base's own for ``unnorm_key``; else fit on ``fit_actions``."""
+                 fit_actions=None, per_robot: bool | None = None):
+        """``stats``: saved statistics; else the base's own for ``unnorm_key``; else fit on ``fit_actions``.
+        ``per_robot``: ``select_robot`` may switch to the robot's statistics (default: when no key was given and the
+        base's own statistics are used)."""
         if kind not in REMOTE_KINDS:
             raise ValueError(f"model.base={kind!r}: expected one of {list(REMOTE_KINDS)}")
         self.kind, self.processor, self.config = kind, processor, config
@@ -171,8 +178,22 @@ class RemoteBase:
             self.n_image, self.image_id = 0, -1
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else 0
         self.eos_id, self.bos_id = self.hf.eos_token_id, self.hf.bos_token_id
+        self.per_robot = bool(not unnorm_key and stats is None and self.unnorm_key in known) \
+            if per_robot is None else bool(per_robot)
         if self.stats.get("q01") is None or len(self.stats["q01"]) != ACTION_DIM:
             raise ValueError(f"statistics for {self.unnorm_key!r} need 7-D q01 / q99, got {self.stats}")
+
+    def select_robot(self, robot: str) -> str:
+        """The unnorm key for ``robot`` (SimplerEnv's "widowx" / "google_robot"): the base's own key for that robot
+        (``ROBOT_UNNORM_KEY``) when ``per_robot``, else the one in use. Returns the key now in use."""
+        key = ROBOT_UNNORM_KEY.get(self.kind, {}).get(robot)
+        if self.per_robot and key and key != self.unnorm_key:
+            known = self._known_stats()
+            if key not in known:
+                raise ValueError(f"the {self.kind} base has no statistics {key!r} for {robot} (it has "
+                                 f"{sorted(known)}): set model.unnorm_key")
+            self.unnorm_key, self.stats = key, known[key]["action"]
+        return self.unnorm_key
 
     def _known_stats(self) -> dict:
         return dict(self.processor.statistics) if self.kind == "spatialvla" else dict(self.config.norm_stats or {})
@@ -291,7 +312,8 @@ class RemoteBase:
 
     # -- persistence beside a fine-tune's adapter (what VLATokenizer.save is for the PaliGemma path)
     def save(self, out_dir) -> None:
-        meta = dict(kind=self.kind, unnorm_key=self.unnorm_key, stats=self.stats, action_chunk=self.action_chunk)
+        meta = dict(kind=self.kind, unnorm_key=self.unnorm_key, stats=self.stats, action_chunk=self.action_chunk,
+                    per_robot=self.per_robot)
         (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @staticmethod
@@ -361,7 +383,8 @@ def load_finetuned_remote(model_dir, quantization: str | None = None, attn_imple
                                    attn_implementation)
     untie_policy_head(model)  # the adapter trained head rows on an untied head (model.add_lora)
     model = PeftModel.from_pretrained(model, str(model_dir))
-    base = RemoteBase(saved["kind"], processor, model.config, saved["unnorm_key"], stats=saved["stats"])
+    base = RemoteBase(saved["kind"], processor, model.config, saved["unnorm_key"], stats=saved["stats"],
+                      per_robot=saved.get("per_robot", False))
     return RemoteVLA(model, base), meta
 
 
@@ -408,6 +431,15 @@ class RemotePolicy:
         return [(int(self.base.action_ids[0]), int(self.base.action_ids[-1]) + 1)] * ACTION_DIM
 
     uses_state = False  # neither base reads the robot state (refinevla.backends.check_state)
+
+    @property
+    def base_kind(self) -> str:
+        """The base's kind: SimplerEnv picks its own Google Robot gripper settings by it (backends.simpler)."""
+        return self.base.kind
+
+    def select_robot(self, robot: str) -> str:
+        """Called by SimplerEnv's loop before a robot's episodes: that robot's statistics (``RemoteBase``)."""
+        return self.base.select_robot(robot)
 
     @property
     def chunk(self) -> int:

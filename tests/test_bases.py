@@ -296,4 +296,4 @@ def test_model_config_base_field_and_paper_preset(standin):
         config.ModelConfig(base="octo", checkpoint="x")
     paper = config.resolve("paper").model
     assert (paper.base, paper.checkpoint, paper.action_chunk) == ("spatialvla", "IPEC-COMMUNITY/spatialvla-4b-224-pt", 4)
-    assert paper.unnorm_key == "bridge_orig/1.0.0"
+    assert paper.unnorm_key == ""  # per robot: Bridge on WidowX, Fractal on Google Robot (RemoteBase.select_robot)

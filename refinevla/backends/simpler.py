@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -35,6 +35,13 @@ from .maniskill3 import ManiSkill3Sim, require_maniskill3
 from .simpler_convert import ActionConverter, policy_obs
 from .simpler_env import SimplerEnvSim, require_simpler_env
 from .simpler_tasks import SETTINGS, TASKS, EpisodeSpec, episode_plan, has_state  # noqa: F401 (has_state: the contract)
+
+#: Google Robot sticky gripper (repeat, update) of each base's own SimplerEnv adapter, by ``policy.base_kind``:
+#: SpatialVLA's holds a command 10 steps and moves its previous value only on a trigger
+#: (simpler_env/policies/spatialvla/spatialvla_model.py); Octo's and OpenVLA's, 15 steps, every step (the default).
+#: A run's evaluate.simpler_sticky_repeat / simpler_sticky_update, when set, override them.
+BASE_GRIPPER = {"spatialvla": (10, "on_trigger")}
+DEFAULT_GRIPPER = (15, "every_step")
 
 #: the record of one SimplerEnv episode
 RECORD_KEYS = ("task", "seed", "success", "steps", "wall_s", "error", "policy_s",
@@ -49,8 +56,8 @@ class SimplerConfig:
     env_mode: str = "scripts"  # "scripts" (the evaluation scripts' grid) | "prepackaged" (simpler_env.make)
     episodes: int | None = None  # None = the paper's counts; k = at most k per variant (evenly spaced)
     image_size: Any = None  # policy input size (int or (H, W)); None = policy.image_size if set, else native
-    sticky_repeat: int = 15  # Google Robot sticky gripper (Octo/OpenVLA 15; SpatialVLA 10)
-    sticky_update: str = "every_step"  # "every_step" (Octo/OpenVLA) | "on_trigger" (SpatialVLA)
+    sticky_repeat: int | None = None  # Google Robot sticky gripper (Octo/OpenVLA 15; SpatialVLA 10); None: the base's
+    sticky_update: str | None = None  # "every_step" (Octo/OpenVLA) | "on_trigger" (SpatialVLA); None: the base's
     action_scale: float = 1.0
     stop_on_success: bool = False  # SimplerEnv runs every episode to max steps and scores the last step
     reuse_env: bool = False  # the scripts build a fresh env per episode (same RNG start, seed 2022); True is
@@ -70,11 +77,21 @@ class SimplerConfig:
               if name.startswith("simpler_") and name[len("simpler_"):] in own}
         kw.update({name: getattr(ecfg, name) for name in ("ms3_sim_backend", "ms3_render_backend")
                    if hasattr(ecfg, name)})
+        defaults = {f.name: f.default for f in fields(type(ecfg))} if is_dataclass(ecfg) else {}
+        for name in ("sticky_repeat", "sticky_update"):  # left at the config's default: the base's own
+            if name in kw and kw[name] == defaults.get("simpler_" + name, object()):
+                kw[name] = None
         backend = "simpler_env" if ecfg.backend == "simpler" else ecfg.backend
         return cls(backend=backend, tasks=tuple(ecfg.tasks), episodes=ecfg.episodes_per_task,
                    image_size=ecfg.image_size, retry_errors=ecfg.retry_errors,
                    videos=bool(getattr(ecfg, "videos", False)), **{k: tuple(v) if isinstance(v, list) else v
                                                                  for k, v in kw.items()})
+
+    def gripper(self, base_kind: str | None = None) -> tuple[int, str]:
+        """(sticky repeat, update rule) of the Google Robot gripper for a policy on a ``base_kind`` base: the set
+        values, else the base's own adapter's (``BASE_GRIPPER``), else Octo's / OpenVLA's."""
+        repeat, update = BASE_GRIPPER.get(base_kind or "", DEFAULT_GRIPPER)
+        return (repeat if self.sticky_repeat is None else self.sticky_repeat), (self.sticky_update or update)
 
     @property
     def sim(self):
@@ -106,6 +123,7 @@ class SimplerTask:
         self._make = make_env or self.backend.make
         self.env, self._env_key, self.spec = None, None, None
         self.truncated, self.partial_success, self.info = False, None, {}
+        self.base_kind = None  # the acting policy's base (its Google Robot gripper settings: SimplerConfig.gripper)
 
     @property
     def max_steps(self) -> int:
@@ -122,8 +140,7 @@ class SimplerTask:
             self.close()
             self.env, self._env_key = self._make(spec), key
         self.spec = spec
-        self.converter = ActionConverter(spec.robot, self.cfg.sticky_repeat, self.cfg.sticky_update,
-                                         self.cfg.action_scale)
+        self.converter = ActionConverter(spec.robot, *self.cfg.gripper(self.base_kind), self.cfg.action_scale)
         raw, self.instruction = self.backend.reset(self.env, spec)
         return self._obs(raw)
 
@@ -196,6 +213,20 @@ def _policy_source(policy_factory) -> Callable[[str], Any]:
     return get
 
 
+def _for_robot(task_env: SimplerTask, policy, robot: str, said: set) -> None:
+    """Settings chosen from the policy's base for ``robot``: the gripper (``SimplerConfig.gripper``) and, for a
+    remote-code base, its statistics (``policy.select_robot``); said once per robot."""
+    task_env.base_kind = getattr(policy, "base_kind", None)
+    select = getattr(policy, "select_robot", None)
+    key = select(robot) if callable(select) else None
+    if robot not in said and (task_env.base_kind or key):
+        said.add(robot)
+        repeat, update = task_env.cfg.gripper(task_env.base_kind)
+        grip = f"sticky gripper {repeat} steps, {update}" if robot == "google_robot" else "binary gripper"
+        print(f"simpler: {robot} with a {task_env.base_kind or 'policy'} base: {grip}"
+              f"{f', unnorm key {key}' if key else ''}", flush=True)
+
+
 def run_simpler(policy_factory, cfg: SimplerConfig | None = None, out_dir=".", *,
                 make_env: Callable[[EpisodeSpec], Any] | None = None) -> list[dict]:
     """Run (or resume) the evaluation; append one record per episode to ``out_dir/episodes.jsonl``.
@@ -217,11 +248,13 @@ def run_simpler(policy_factory, cfg: SimplerConfig | None = None, out_dir=".", *
     if todo and make_env is None:  # fail before the loop, with the install steps, not once per episode
         cfg.require()
     get_policy = _policy_source(policy_factory)
+    said: set = set()
     videos = out / "videos" if cfg.videos else None
     try:
         with path.open("a") as fh:
             for k, spec in todo:
                 policy = get_policy(spec.robot)  # outside the episode: a policy that cannot load stops the run
+                _for_robot(task_env, policy, spec.robot, said)
                 check_state(policy, cfg.backend, spec.task)
                 task_env.image_size = cfg.image_size if cfg.image_size is not None else getattr(
                     policy, "image_size", None)

@@ -2,8 +2,8 @@
 
 The folder's code and config.json are copied; this adds what a hub snapshot also holds: a tokenizer (a word-level
 stand-in for Gemma's, with the spatial action tokens ``<ACTION00000>``... as its last ids, as in the real
-vocabulary), the image processor's and the processor's configuration (dataset statistics under the real key
-``bridge_orig/1.0.0``, the bin grid sizes, the camera intrinsics, chunks of 4 actions) and random weights.
+vocabulary), the image processor's and the processor's configuration (dataset statistics under the real keys
+``bridge_orig/1.0.0`` and ``fractal20220817_data/0.1.0``, the bin grid sizes, the camera intrinsics, chunks of 4 actions) and random weights.
 """
 import json
 import shutil
@@ -13,11 +13,14 @@ import numpy as np
 
 HERE = Path(__file__).parent / "spatialvla"
 UNNORM_KEY = "bridge_orig/1.0.0"
+FRACTAL_KEY = "fractal20220817_data/0.1.0"  # the Google Robot statistics the real checkpoint also holds
 #: stand-in statistics in the real file's layout (BOUNDS_Q99: q01/q99 per dimension; the gripper is not normalised)
 STATS = {"action": {"q01": [-0.03, -0.04, -0.03, -0.1, -0.1, -0.2, 0.0], "q99": [0.03, 0.04, 0.03, 0.1, 0.1, 0.2, 1.0],
                     "mask": [True, True, True, True, True, True, False],
                     "mean": [0.0] * 6 + [0.5], "std": [0.01] * 6 + [0.5],
                     "min": [-0.05] * 6 + [0.0], "max": [0.05] * 6 + [1.0]}}
+FRACTAL_STATS = {"action": {**STATS["action"], "q01": [-0.2, -0.25, -0.15, -0.3, -0.3, -0.4, 0.0],
+                            "q99": [0.2, 0.25, 0.15, 0.3, 0.3, 0.4, 1.0]}}
 NUM_BINS = {"translation": {"theta_bins": 4, "phi_bins": 8, "r_bins": 4},
             "rotation": {"roll_bins": 4, "pitch_bins": 4, "yaw_bins": 4}, "gripper": 2}
 WORDS = ("pick up the red green blue cube can spoon towel carrot plate put on in place move left right ahead behind "
@@ -71,7 +74,7 @@ def build_spatialvla(out_dir, seed: int = 0) -> Path:
     (out / "processor_config.json").write_text(json.dumps({
         "processor_class": "SpatialVLAProcessor",
         "auto_map": {"AutoProcessor": "processing_spatialvla.SpatialVLAProcessor"},
-        "statistics": {UNNORM_KEY: STATS}, "bin_policy": None,
+        "statistics": {UNNORM_KEY: STATS, FRACTAL_KEY: FRACTAL_STATS}, "bin_policy": None,
         "intrinsic_config": {"default": {"width": size, "height": size, "intrinsic": k}},
         "action_config": {"num_bins": NUM_BINS, "use_spherical": True, "distribution": "uniform"},
         "num_obs_steps": 1, "obs_delta": 1, "action_chunk_size": 4, "min_sigma": 0.0}, indent=1))
