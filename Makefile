@@ -87,10 +87,15 @@ constraints:
 	$(BIN)/python scripts/constraints.py
 
 # The paper scale on a SpatialVLA / OpenVLA base: their remote code needs transformers 4.47 (envs/paper-spatialvla.txt),
-# so it gets its own environment; refinevla itself is installed without its default pins.
+# so it gets its own environment; refinevla itself is installed without its default pins. Its Python is 3.10 or 3.11:
+# SimplerEnv asks for one of them (its sapien 2.2.2 wheels; https://github.com/simpler-env/SimplerEnv#installation).
 PAPER_VENV ?= .venv-paper
+PAPER_PYTHON ?= python3.11
+PAPER_PYTHON_CHECK = import sys; v = sys.version_info[:2]; sys.exit(0 if v in ((3, 10), (3, 11)) else \
+	"paper-env needs Python 3.10 or 3.11 (SimplerEnv, sapien 2.2.2), not %d.%d: set PAPER_PYTHON" % v)
 paper-env:
-	test -d $(PAPER_VENV) || $(PYTHON) -m venv $(PAPER_VENV)
+	test -d $(PAPER_VENV) || $(PAPER_PYTHON) -m venv $(PAPER_VENV)
+	$(PAPER_VENV)/bin/python -c '$(PAPER_PYTHON_CHECK)'
 	$(PAPER_VENV)/bin/pip install -q --upgrade pip
 	$(PAPER_VENV)/bin/pip install -q "$(TORCH_SPEC)" torchvision --extra-index-url https://download.pytorch.org/whl/$(TORCH)
 	$(PAPER_VENV)/bin/pip install -q -r envs/paper-spatialvla.txt

@@ -43,3 +43,27 @@ def test_pins_keep_the_remote_codes_transformers():
     required = pins()
     assert str(required["transformers"].specifier) == "==4.47.1"  # SpatialVLA's remote code (book/paper.md)
     assert required["peft"].specifier.contains("0.15.0") and not required["peft"].specifier.contains("0.14.0")
+
+
+def make_variable(name: str) -> str:
+    """A variable of the Makefile, its continuation lines joined as make joins them."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.split("=")[0].strip(" ?") == name)
+    return " ".join(line.split("=", 1)[1].split())
+
+
+def test_paper_env_pins_the_python_simplerenv_asks_for():
+    """SimplerEnv asks for Python 3.10 or 3.11 (sapien 2.2.2): make paper-env creates its environment with
+    PAPER_PYTHON (3.11) and stops, naming the version, on any other."""
+    import subprocess
+    import sys
+
+    assert make_variable("PAPER_PYTHON") in ("python3.10", "python3.11")
+    recipe = (ROOT / "Makefile").read_text().split("\npaper-env:", 1)[1].split("\n\n", 1)[0]
+    assert "$(PAPER_PYTHON) -m venv $(PAPER_VENV)" in recipe and "$(PAPER_PYTHON_CHECK)" in recipe
+    check = make_variable("PAPER_PYTHON_CHECK")
+    for version, ok in (((3, 10, 14), True), ((3, 11, 9), True), ((3, 12, 3), False), ((3, 9, 18), False)):
+        code = f"import sys; sys.version_info = {version!r}; exec({check!r})"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert (run.returncode == 0) == ok, (version, run.stderr)
+        assert ok or f"not {version[0]}.{version[1]}: set PAPER_PYTHON" in run.stderr
