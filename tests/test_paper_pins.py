@@ -67,3 +67,15 @@ def test_paper_env_pins_the_python_simplerenv_asks_for():
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert (run.returncode == 0) == ok, (version, run.stderr)
         assert ok or f"not {version[0]}.{version[1]}: set PAPER_PYTHON" in run.stderr
+
+
+def test_readme_runs_the_paper_preset_in_the_paper_environment():
+    """--preset paper loads SpatialVLA's remote code, which needs transformers 4.47: .venv-paper, not .venv."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Paper scale", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [ln for ln in block.splitlines() if "--preset paper" in ln]
+    assert len(commands) >= 4 and "make paper-env" in block
+    for line in commands:
+        assert re.match(r"\.venv-paper/bin/(refinevla|accelerate) ", line), line
