@@ -6,6 +6,7 @@
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
 #   make test                       the test suite (~5 min)
+#   make base                       re-make the released tiny base models/tiny-base (~70 min on 2 cores, resumable)
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
 #   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)
@@ -31,10 +32,15 @@ else
 TORCH_SPEC := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: book test lab bench setup system clean constraints paper-env
+.PHONY: book test base lab bench setup system clean constraints paper-env
 
 book: setup
 	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
+
+# The released base (refinevla/release.py): VLM pre-training on grounding questions, then VLA pre-training on the
+# mixture; every step resumes where a killed run stopped; the folder is written last, whole.
+base: setup
+	$(BIN)/refinevla base --preset base $(ARGS)
 
 test: setup
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
@@ -53,6 +59,7 @@ bench: setup
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/finetune_cache.py
 	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/grounding.py
 
 setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 

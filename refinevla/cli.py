@@ -1,7 +1,8 @@
-"""Command line: `refinevla data|annotate|train|evaluate|attention|all|book|config`, thin over the package.
+"""Command line: `refinevla base|data|annotate|train|evaluate|attention|all|book|config`, thin over the package.
 
 Examples:
     refinevla book                          # the embedded default, ending with the built book
+    refinevla base --preset base            # re-make the released tiny base (models/tiny-base, ~1 h)
     refinevla book --preset smoke -p lambda_reason 0.25
     refinevla train --preset default -p refinevla.steps 400
     refinevla train --help                  # the keys `train` reads, their defaults and what they accept
@@ -31,6 +32,8 @@ COMMANDS = {
               "pre-train the tiny base, then every fine-tune of the study"),
     "evaluate": (("evaluate", "study"), "closed-loop evaluation of every arm, seed and split"),
     "attention": (("attention",), "attention maps and the attention-on-target score"),
+    "base": (("data", "model", "vlm", "pretrain", "grounding", "evaluate"),
+             "pre-train the tiny base (two stages), probe it, evaluate it and release it (models/tiny-base)"),
     "all": (ALL_SECTIONS, "every stage in order: data, annotate, train, evaluate, attention"),
     "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
     "config": (ALL_SECTIONS, "print the resolved config"),
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="re-run every notebook")
             sub.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_evaluate)")
             sub.add_argument("--no-build", action="store_true", help="run the notebooks, skip jupyter-book")
+        elif name == "base":
+            sub.add_argument("--force", action="append", choices=("base",), default=[], metavar="STAGE",
+                             help="base: re-make the base from scratch (the recorded demonstrations are kept)")
         elif name != "config":
             sub.add_argument("--force", action="append", choices=FORCE_NAMES, default=[], metavar="STAGE",
                              help="re-run STAGE from scratch even when its marker matches (repeatable; one of "
@@ -125,6 +131,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "all":
             pipeline.run_all(cfg, force=args.force)
+        elif args.command == "base":
+            from .recipe import run_base
+
+            print(f"The base: {run_base(cfg, force=args.force)}")
         else:
             result = pipeline.STAGES[args.command](cfg, force=args.force)
             if hasattr(result, "to_string"):

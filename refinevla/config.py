@@ -26,7 +26,7 @@ from .fields import ConfigError, ConfigKeyError, _bad, _hints, allowed, check_se
 from .schema import RATIONALE_PARTS  # noqa: F401
 from .sections import (  # noqa: F401  the stage sections, importable from here as before
     SIZES, LORA_TARGETS, IN_DISTRIBUTION, VARIANT, SPLITS, AGGREGATIONS, QUERIES, MAX_DATA_SEED, EPISODES_PER_SEED,
-    RESERVED_ARMS, _Checked, DataConfig, ModelConfig, TrainConfig, AnnotateConfig, EvaluateConfig, AttentionConfig,
+    RESERVED_ARMS, _Checked, DataConfig, GroundingConfig, ModelConfig, TrainConfig, AnnotateConfig, EvaluateConfig, AttentionConfig,
     StudyConfig, arm_configs)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -51,6 +51,11 @@ class RunConfig:
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
+    #: the released base's recipe (refinevla.recipe): stage (a) VLM pre-training, then ``pretrain`` as stage (b)
+    vlm: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        variant="vlm", use_rationale=False, lambda_reason=1.0, steps=6000, batch_size=32, lr=2e-4, warmup_steps=100,
+        cache_frozen=False))
+    grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -68,7 +73,8 @@ class RunConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "evaluate", "attention", "study")
+SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "evaluate", "attention", "study", "vlm",
+            "grounding")
 #: Short names for the keys readers change most (also the notebook parameters).
 ALIASES = {
     "lambda_reason": "refinevla.lambda_reason",

@@ -60,14 +60,18 @@ def plot_action_distributions(ds, max_rows: int = 5000):
 
 # ---------------------------------------------------------------------------------------- training
 def plot_training_curves(curves: pd.DataFrame):
-    """Linear axes. Left: pre-training's action loss, with the step the fine-tunes start from marked. Middle: every
-    fine-tune's action loss (one colour per arm, one line style per seed; dots: held-out losses), each starting from
-    a star at the pre-trained model's last loss. Right: the reasoning loss where rationales are in the target."""
+    """Linear axes. Left (only when the run pre-trained its own base): pre-training's action loss, with the step the
+    fine-tunes start from marked. Then every fine-tune's action loss (one colour per arm, one line style per seed;
+    dots: held-out losses), each starting from a star at the pre-trained model's last loss when the run has it.
+    Right: the reasoning loss where rationales are in the target. A run that loads a released base (no
+    train/pretrain) has the two fine-tune panels only: that base's losses are in its model card
+    (plot_base_losses)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    colours = _palette([a for a in curves["arm"].unique()])
     pre = curves[curves["arm"] == "pretrain"]
+    fig, axes = plt.subplots(1, 3 if len(pre) else 2, figsize=(13 if len(pre) else 9, 3.6))
+    fine_ax, reason_ax = axes[-2], axes[-1]
+    colours = _palette([a for a in curves["arm"].unique()])
     start = None
     if len(pre):
         axes[0].plot(pre["step"], pre["l_action"], color="0.3", lw=1.2, label="pre-training")
@@ -78,23 +82,25 @@ def plot_training_curves(curves: pd.DataFrame):
         axes[0].axvline(start["step"], color="k", ls=":", lw=1)
         axes[0].annotate("fine-tunes start here", (start["step"], start["l_action"]), xytext=(-8, 20),
                          textcoords="offset points", ha="right", fontsize=8, arrowprops=dict(arrowstyle="->"))
+        axes[0].set(title="pre-training: L_action", xlabel="step", ylabel="cross-entropy (nats)")
+    else:
+        fine_ax.set(ylabel="cross-entropy (nats)")
     for (arm, seed), g in curves[curves["arm"] != "pretrain"].groupby(["arm", "seed"], sort=False):
         kw = dict(color=colours[arm], linestyle=LINE_STYLES[max(int(seed), 0) % len(LINE_STYLES)], lw=1.4,
                   label=f"{SHORT_LABELS.get(arm, arm)}, seed {seed}")
         steps, loss = list(g["step"]), list(g["l_action"])
         if start is not None:  # each fine-tune starts from the pre-trained model at step 0
             steps, loss = [0] + steps, [start["l_action"]] + loss
-        axes[1].plot(steps, loss, **kw)
+        fine_ax.plot(steps, loss, **kw)
         if "heldout_l_action" in g:
             h = g.dropna(subset=["heldout_l_action"])
-            axes[1].plot(h["step"], h["heldout_l_action"], "o", color=colours[arm], ms=4)
+            fine_ax.plot(h["step"], h["heldout_l_action"], "o", color=colours[arm], ms=4)
         if "l_reason" in g and (g["l_reason"] > 0).any():
-            axes[2].plot(g["step"], g["l_reason"], **kw)
+            reason_ax.plot(g["step"], g["l_reason"], **kw)
     if start is not None:
-        axes[1].plot([0], [start["l_action"]], "*", color="k", ms=11, label="pre-trained start", zorder=5)
-    axes[0].set(title="pre-training: L_action", xlabel="step", ylabel="cross-entropy (nats)")
-    axes[1].set(title="fine-tunes: L_action (dots: held-out)", xlabel="fine-tuning step")
-    axes[2].set(title="fine-tunes: L_reasoning", xlabel="fine-tuning step")
+        fine_ax.plot([0], [start["l_action"]], "*", color="k", ms=11, label="pre-trained start", zorder=5)
+    fine_ax.set(title="fine-tunes: L_action (dots: held-out)", xlabel="fine-tuning step")
+    reason_ax.set(title="fine-tunes: L_reasoning", xlabel="fine-tuning step")
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.set_yscale("linear")
@@ -102,6 +108,72 @@ def plot_training_curves(curves: pd.DataFrame):
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_base_losses(manifest: dict):
+    """The released base's pre-training losses from its model card (manifest.json), linear axes. Left: stage (a),
+    the grounding-answer loss (dots: on the held-out probe frames). Right: stage (b), the action loss and the
+    grounding loss of the questions mixed in (dots: held-out grounding loss)."""
+    import matplotlib.pyplot as plt
+
+    losses = manifest.get("losses", {})
+    colours = _palette(["l_action", "l_reason"])
+    labels = {"l_action": "L_action", "l_reason": "grounding loss"}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    top = 0.0
+    for ax, stage, keys, title in [(axes[0], "vlm", ["l_reason"], "stage (a) VLM: grounding answers"),
+                                   (axes[1], "vla", ["l_action", "l_reason"], "stage (b) VLA: actions + grounding")]:
+        curve = pd.DataFrame(losses.get(stage) or [])
+        for key in keys:
+            if key not in curve or not curve[key].notna().any():
+                continue
+            ax.plot(curve["step"], curve[key], color=colours[key], lw=1.4, label=labels[key])
+            top = max(top, float(curve[key].max()))
+            held = f"heldout_{key}"
+            if held in curve:  # the held-out set is the probe frames: grounding questions only, no actions
+                h = curve.dropna(subset=[held])
+                h = h[h[held] > 0] if key == "l_action" else h
+                if len(h):
+                    ax.plot(h["step"], h[held], "o", color=colours[key], ms=5, mec="k", mew=0.5,
+                            label=f"{labels[key]}, held-out")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no losses recorded", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes:  # one linear scale from 0 for both stages, with room above the highest loss
+        ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)
+    axes[0].set_ylabel("cross-entropy (nats)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_grounding(table: pd.DataFrame, bar: float = 0.95):
+    """The grounding probe per model (report.grounding_table: indexed by model): side accuracy and the share of
+    answers within 1 cm, as bars in %, the value above each, and the competence bar (``bar``) as a dashed line. A
+    model with no side questions shows "n/a" for its side accuracy."""
+    import matplotlib.pyplot as plt
+
+    metrics = ["side accuracy", "within 1 cm"]
+    colours = _palette(metrics)
+    models = list(table.index)
+    x = np.arange(len(models))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(1, len(models)), 3.4), layout="constrained")
+    for k, metric in enumerate(metrics):
+        values = pd.to_numeric(table[metric], errors="coerce").to_numpy(float) * 100
+        xs = x + (k - 0.5) * width
+        ax.bar(xs, np.nan_to_num(values, nan=0.0), width, color=colours[metric], label=metric)
+        for xi, v in zip(xs, values):
+            ax.annotate("n/a" if np.isnan(v) else f"{v:.0f}", (xi, 0 if np.isnan(v) else v), xytext=(0, 2),
+                        textcoords="offset points", ha="center", fontsize=7)
+    ax.axhline(100 * bar, color="k", ls="--", lw=1, label=f"bar: {100 * bar:.0f}%")
+    ax.set_xticks(x, models, rotation=20, ha="right")
+    ax.set(ylim=(0, 108), ylabel="held-out questions (%)", title="where is the named object? (held-out frames)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

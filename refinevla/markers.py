@@ -56,6 +56,8 @@ STAGE_CODE = {
               ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "numpy", "safetensors")),
     "evaluate": (("evaluate", "policy", "diagnostics", "stats"),
                  ("torch", "transformers", "peft", "bitsandbytes", "robosuite", "mujoco", "numpy", "scipy")),
+    "base": (("recipe", "release", "grounding", "train", "model", "frozen", "tokens", "sim", "scenes", "teacher"),
+             ("torch", "transformers", "accelerate", "datasets", "numpy", "safetensors", "robosuite", "mujoco")),
     "attention": (("attention", "policy"), ("torch", "transformers", "peft", "bitsandbytes", "numpy", "scipy")),
 }
 ORCHESTRATION = ("pipeline", "markers", "cli", "config", "book", "report", "__init__")

@@ -139,8 +139,20 @@ def run_annotate(cfg: RunConfig, force=()):
 
 
 def base_model_dir(cfg: RunConfig) -> Path | str:
-    """Our pre-trained tiny base, or the real checkpoint named by model.checkpoint (paper scale)."""
-    return cfg.model.checkpoint or cfg.stage_dir("train", "pretrain", "model")
+    """The base every arm starts from: model.checkpoint (the released tiny base ``models/tiny-base``, found from any
+    working directory, or a real checkpoint: paper scale), else the tiny base this run pre-trains itself."""
+    from .release import resolve_checkpoint
+
+    return resolve_checkpoint(cfg.model.checkpoint) if cfg.model.checkpoint else cfg.stage_dir("train", "pretrain",
+                                                                                               "model")
+
+
+def _checkpoint_id(cfg: RunConfig) -> str:
+    """What the keys record of model.checkpoint: a released base by its manifest's digest, after verifying every
+    file of it (refinevla.release; a missing or altered file stops the stage in one line), else its name."""
+    from .release import checkpoint_id
+
+    return checkpoint_id(cfg.model.checkpoint)
 
 
 def _pretrain_inputs(cfg: RunConfig) -> tuple[Path, Path]:
@@ -165,8 +177,8 @@ def run_pretrain(cfg: RunConfig, force=()) -> Path | str:
 
     _validate(cfg)
     if cfg.model.checkpoint:
-        print(f"pretrain: using the pre-trained checkpoint {cfg.model.checkpoint}")
-        return cfg.model.checkpoint
+        print(f"pretrain: using the pre-trained checkpoint {_checkpoint_id(cfg)}")
+        return base_model_dir(cfg)
     forced, entered = _forced(force, "pretrain"), time.time()
     out, key = cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg)
     src, target = _pretrain_inputs(cfg)
@@ -220,7 +232,8 @@ def train_dir(cfg: RunConfig, arm: str, seed: int) -> Path:
 def _finetune_key(cfg: RunConfig, arm: str, seed: int) -> str:
     tcfg, mcfg = arm_configs(cfg, arm, seed)
     inputs = [cfg.stage_dir("annotate")] + ([cfg.stage_dir("train", "pretrain")] if not cfg.model.checkpoint else [])
-    return stage_key([mcfg, tcfg, cfg.model.checkpoint or "pretrain", cfg.data.heldout_every], inputs, code="train")
+    base = _checkpoint_id(cfg) if cfg.model.checkpoint else "pretrain"
+    return stage_key([mcfg, tcfg, base, cfg.data.heldout_every], inputs, code="train")
 
 
 def run_finetune(cfg: RunConfig, arm: str, seed: int | None = None, force=()) -> Path:
@@ -348,7 +361,7 @@ def model_key(cfg: RunConfig, arm: str, seed: int) -> tuple[Path | None, str]:
     (None, checkpoint name) for a real checkpoint evaluated as the base."""
     if arm == BASE:
         if cfg.model.checkpoint:
-            return None, cfg.model.checkpoint
+            return None, _checkpoint_id(cfg)
         return cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg)
     trained = "refinevla" if arm == ORACLE else arm
     return train_dir(cfg, trained, seed), _finetune_key(cfg, trained, seed)
@@ -441,8 +454,10 @@ def _rationale_check(cfg: RunConfig, model_dir: Path, out: Path) -> None:
 
 
 def run_attention(cfg: RunConfig, force=()):
-    """Attention maps and the attention-on-target score, baseline vs ReFineVLA (first seed) -> attention/; the
-    models are checked like the evaluation's, and the marker records their training keys."""
+    """Attention maps and the attention-on-target score, baseline vs ReFineVLA (first seed) -> attention/; then the
+    grounding probe ("where is the red cube" on held-out frames, refinevla.grounding) of the base and of every
+    baseline and ReFineVLA fine-tune -> attention/grounding.csv. The models are checked like the evaluation's, and
+    the marker records their training keys."""
     from .attention import run_attention as attention_stage
     from .data import load_dataset_dir
 
@@ -453,11 +468,15 @@ def run_attention(cfg: RunConfig, force=()):
         return None
     forced, entered = _forced(force, "attention"), time.time()
     out, seed = cfg.stage_dir("attention"), cfg.study.seeds[0]
-    inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, seed) for v in VARIANTS]
-    key = stage_key([cfg.attention], inputs, code="attention")
+    probed = [(v, s) for v, s in trained_arms(cfg) if v in VARIANTS]  # the grounding probe: every main fine-tune
+    inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, s) for v, s in probed]
+    base = [_checkpoint_id(cfg)] if cfg.model.checkpoint else []
+    if not cfg.model.checkpoint:
+        inputs.append(cfg.stage_dir("train", "pretrain"))
+    key = stage_key([cfg.attention, cfg.data.image_size, cfg.data.camera] + base, inputs, code="attention")
     require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), "attention", _fix(cfg, "annotate"),
                     ("data", "annotate"))
-    trained_keys = {v: _require_model(cfg, v, seed, "attention") for v in VARIANTS}  # before "up to date"
+    trained_keys = {f"{v} seed {s}": _require_model(cfg, v, s, "attention") for v, s in probed}  # before "up to date"
     if markers.ready(cfg.run_dir, out, key, forced, "attention") or markers.others_wait(out, key, forced, entered):
         import pandas as pd
         return pd.read_csv(out / "scores.csv")
@@ -465,6 +484,13 @@ def run_attention(cfg: RunConfig, force=()):
     started = time.time()
     models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
     table = attention_stage(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
+    if cfg.attention.grounding_frames and cfg.data.source == "robosuite":
+        from .grounding import probe_models
+
+        probed_models = {"base": base_model_dir(cfg)} | {f"{v} seed {s}": train_dir(cfg, v, s) / "model"
+                                                         for v, s in probed}
+        probe_models(probed_models, cfg.attention.grounding_frames, cfg.evaluate.tasks, cfg.data.image_size,
+                     cfg.data.camera).to_csv(out / "grounding.csv", index=False)
     mark_done(out, key, cfg, started, model_keys=trained_keys)
     return table
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .competence import (base_probe_table, base_recipe_table, base_release,  # noqa: F401 (the book calls them here)
+                         competence_sentence, competence_table, grounding_table)
 from .figures import ARM_LABELS
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.csv"
@@ -235,6 +237,28 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
             table = pd.DataFrame(r["rows"]).set_index("setting")
             note = (f"Pre-training step ({r['model']}) per torch thread setting, idle and beside one busy process "
                     f"(normal priority and nice 19); target: contended / idle <= {r['target_ratio']}. {when}.")
+        elif name == "grounding":
+            rows = [{"mode": "readout", "model": x["checkpoint"], "question": x["question"], "steps": 0,
+                     "accuracy": x["side_accuracy"], "pairs right": x["pair_side_consistency"],
+                     "within 1 cm": x["within_1cm"], "MAE x / y / z (cm)": " / ".join(f"{v:.2f}" for v in x["mae_cm"]),
+                     "spread": f"{x['spread']:.3f}"} for x in r.get("readout", [])]
+            rows += [{"mode": "train", "model": x["init"], "question": x["question"], "steps": x["steps"],
+                      "accuracy": x["accuracy"], "pairs right": x["pairs_right"], "within 1 cm": None,
+                      "MAE x / y / z (cm)": "", "spread": f"{x['spread_start']:.3f} -> {x['spread_end']:.3f}",
+                      "accuracy by step": ", ".join(f"{c['step']}: {c['accuracy']:.2f}" for c in x["curve"])}
+                     for x in r.get("train", [])]
+            table = pd.DataFrame(rows)
+            s, held = r["settings"], r["frames"]["heldout"]
+            note = (f"Grounding on {held['usable']} held-out {r['task']} frames (seeds {held['seeds'][0]}-"
+                    f"{held['seeds'][1]}, arm moved by N(0, {s['arm_noise_rad']}) rad), each asked about both cubes "
+                    f"(pairs right: both answers of a frame right; the cubes lie on different sides of the gripper "
+                    f"in {held['cubes_on_different_sides']:.0%} of them). Readout: greedy answers to 'where is the "
+                    f"<object>', accuracy = the side (left / right of the gripper), MAE per axis. Train: the whole "
+                    f"model, {s['steps']} steps at lr {s['lr']:g} on one-word answers to '{s['prompt']}' about "
+                    f"{s['frames']} other frames; task = the named cube's side, text_only = the colour named, "
+                    f"vision_only = the red cube's side; accuracy between the two words (chance 0.5). Spread: std over "
+                    f"frames of the image features / their mean magnitude. {when}; {r['wall_s'] / 60:.1f} min "
+                    f"({r.get('cpu_s', r['wall_s']) / 60:.1f} min of CPU time).")
         else:
             table = pd.json_normalize(r, sep=".").T.rename(columns={0: "value"})
             note = when

@@ -315,6 +315,29 @@ class AttentionConfig(_Checked):
     max_rationale_tokens: int = opt(64, "rationale tokens generated at most (the teacher writes ~50)", ge=1)
     threads: int = opt(0, "CPU threads for torch (0 = auto)", ge=0)
     open_loop: bool = opt(True, "also score each decoded action against the expert's (frames.csv)")
+    grounding_frames: int = opt(200, "held-out frames of the grounding probe of the base and every fine-tune "
+                                     "(grounding.csv; seeds 45_000+, refinevla.grounding); 0: none", ge=0, le=5000)
+
+
+@dataclass
+class GroundingConfig(_Checked):
+    """The released tiny base's recipe (``refinevla base``, refinevla.recipe): stage (a) VLM pre-training on
+    referring expressions about robosuite frames (``vlm`` section), stage (b) VLA pre-training on the mixture's
+    actions with the grounding rows mixed in (``pretrain`` section), then the held-out probe and the base's own
+    closed-loop success (``evaluate`` section), all written into one folder."""
+
+    frames: int = opt(4000, "rendered frames of stage (a): initial scenes of the grounding tasks on seeds 40_000+, "
+                            "the arm moved by arm_noise", ge=1, le=5000)
+    probe_frames: int = opt(400, "held-out frames of the probe, seeds 45_000+ (never trained on)", ge=1, le=5000)
+    tasks: list[str] = opt(help="tasks whose scenes the grounding frames show",
+                           factory=lambda: ["pick_cube", "lift", "stack"])
+    arm_noise: float = opt(0.1, "std of the Gaussian moves of the arm's joints (radians)", ge=0.0, le=1.0)
+    min_pixels: int = opt(4, "an object with fewer visible pixels in a frame is not asked about", ge=0)
+    demo_every: int = opt(2, "stage (b): grounding rows from every k-th frame of the mixture's demonstrations too "
+                             "(0: none)", ge=0)
+    release_dir: str = opt("models/tiny-base", "the released folder (relative: to the repository root)")
+    eval_split: str = opt("in_distribution", "the split of the base's own closed-loop success in its model card",
+                          choices=("in_distribution", "variant"))
 
 
 @dataclass

@@ -181,3 +181,193 @@ def test_config_table_one_row_per_section():
     table = report.config_table(cfg)
     assert {"data", "model", "refinevla", "evaluate"} <= set(table.index)
     assert "lambda_reason: " in table.loc["refinevla", "settings"]
+
+
+# ------------------------------------------------------------------------------ the released base and the bar
+
+def manifest_literal(side_b=0.97, within_b=0.96):
+    """A trimmed manifest.json shaped like refinevla.release.write_release's (the numbers are made up)."""
+    def probe(n, side_rows, side, within, exact, mae, answer):
+        return dict(n=n, answered=1.0 if answer else 0.0, side_rows=side_rows, side_accuracy=side, within_1cm=within,
+                    exact=exact, mae_cm=mae, examples=[dict(question="where is the red cube", answer=answer,
+                                                            truth="the red cube is 4 cm left of and 9 cm below the gripper")])
+    return {
+        "name": "tiny-base", "kind": "refinevla tiny base", "architecture": "PaliGemma (micro)",
+        "parameters": {"trainable": 233728, "total": 233728, "trainable_pct": 100.0},
+        "recipe": {"preset_sections": {
+            "data": {"pretrain_mix": {"pick_cube": 2, "lift": 1, "stack": 1}},
+            "vlm": {"steps": 12, "batch_size": 32, "lr": 0.0002, "lambda_reason": 1.0},
+            "pretrain": {"steps": 24, "batch_size": 16, "lr": 0.0002, "lambda_reason": 1.0},
+            "grounding": {"frames": 30, "probe_frames": 10, "tasks": ["pick_cube", "lift", "stack"]}},
+            "command": "make base"},
+        "seeds": {"grounding_train": [40000, 40029], "grounding_probe": [45000, 45009],
+                  "evaluation": [12000, 12001]},
+        "data": {"grounding_rows": 46, "probe_rows": 100, "action_rows": 243, "stage_b_grounding_rows": 250},
+        "probe": {"a": probe(100, 80, float("nan"), 0.0, 0.0, [float("nan")] * 3, ""),
+                  "b": probe(100, 80, side_b, within_b, 0.5, [0.4, 0.6, 0.5],
+                             "the red cube is 4 cm left of and 8 cm below the gripper")},
+        "closed_loop": {"split": "in_distribution", "tasks": ["pick_cube"], "successes": 1, "episodes": 2,
+                        "seeds": [12000, 12001], "ci95": [0.095, 0.905]},
+        "timings_s": {"demonstrations_s": 23.3, "frames_s": 10.2, "stage_a_s": 180.0, "stage_b_s": 60.0,
+                      "evaluate_s": 12.4, "total": 285.9},
+        "losses": {"vlm": [{"step": 5, "loss": 6.552, "l_action": 0.0, "l_reason": 6.552},
+                           {"step": 12, "loss": 6.5391, "l_action": 0.0, "l_reason": 6.5391, "heldout_l_action": 0.0,
+                            "heldout_l_reason": 6.5177}],
+                   "vla": [{"step": 5, "loss": 12.6591, "l_action": 6.1366, "l_reason": 6.5226},
+                           {"step": 24, "loss": 12.6264, "l_action": 6.116, "l_reason": 6.5104, "heldout_l_action": 0.0,
+                            "heldout_l_reason": 6.5031}]},
+        "environment": {"python": "3.11.7", "torch": "2.13.0+cpu", "machine": "x86_64", "threads": 1},
+        "created": "2026-12-06", "files": {}}
+
+
+def grounding_csv(tmp_path, base_side=0.5, base_within=0.25):
+    rows = [dict(model="base", questions=40, answered=1.0, side_rows=20, side_accuracy=base_side,
+                 within_1cm=base_within, exact=0.1, mae_x_cm=1.5, mae_y_cm=2.0, mae_z_cm=np.nan,
+                 example="where is the red cube -> the red cube is 4 cm left of the gripper"),
+            dict(model="baseline seed 0", questions=40, answered=0.0, side_rows=0, side_accuracy=np.nan,
+                 within_1cm=0.0, exact=0.0, mae_x_cm=np.nan, mae_y_cm=np.nan, mae_z_cm=np.nan,
+                 example="where is the red cube -> "),
+            dict(model="refinevla seed 0", questions=40, answered=1.0, side_rows=20, side_accuracy=1.0,
+                 within_1cm=0.975, exact=0.9, mae_x_cm=0.1, mae_y_cm=0.1, mae_z_cm=0.2, example="x -> y")]
+    (tmp_path / "attention").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(tmp_path / "attention" / "grounding.csv", index=False)
+    return report.grounding_table(tmp_path)
+
+
+def test_base_release_reads_a_release_folder_and_nothing_else(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = lambda checkpoint: SimpleNamespace(model=SimpleNamespace(checkpoint=checkpoint))
+    assert report.base_release(cfg("")) is None                           # the run pre-trains its own base
+    assert report.base_release(cfg(str(tmp_path))) is None                # a folder without a manifest
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_literal()))
+    assert report.base_release(cfg(str(tmp_path)))["probe"]["b"]["within_1cm"] == 0.96
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest_literal(), files={"model.safetensors": {
+        "bytes": 1, "sha256": "0" * 64}})))
+    from refinevla.release import ReleaseError
+    with pytest.raises(ReleaseError, match="model.safetensors: missing"):  # verified, not just read
+        report.base_release(cfg(str(tmp_path)))
+
+
+def test_base_probe_table_one_row_per_stage():
+    table = report.base_probe_table(manifest_literal())
+    assert list(table.index) == ["after stage (a) VLM", "after stage (b) VLA"]
+    b = table.loc["after stage (b) VLA"]
+    assert b["questions"] == 100 and b["side accuracy"] == 0.97 and b["within 1 cm"] == 0.96
+    assert [b["MAE x (cm)"], b["MAE y (cm)"], b["MAE z (cm)"]] == [0.4, 0.6, 0.5]
+    assert "-> the red cube is 4 cm left of and 8 cm below" in b["example"]
+    assert "(no answer)" in table.loc["after stage (a) VLM", "example"]
+    shown = report.tidy(table, percent=["side accuracy", "within 1 cm"])
+    assert shown.loc["after stage (a) VLM", "side accuracy"] == "" and shown.loc["after stage (b) VLA", "within 1 cm"] == "96%"
+
+
+def test_base_recipe_table_two_stages_and_the_base_closed_loop():
+    table = report.base_recipe_table(manifest_literal())
+    assert list(table.index) == ["stage (a) VLM", "stage (b) VLA", "base closed loop"]
+    a, b, loop = (table.loc[k] for k in table.index)
+    assert a["steps"] == 12 and a["batch"] == 32 and a["minutes"] == 3.0 and "46 grounding questions" in a["data"]
+    assert "seeds 40000-40029" in a["data"] and "6.539" in a["result"]
+    assert b["steps"] == 24 and b["batch"] == 16 and b["minutes"] == 1.0
+    assert "243 action frames of 4 expert episodes (pick_cube 2, lift 1, stack 1) + 250" in b["data"]
+    assert "action loss 6.116" in b["result"] and "grounding loss 6.510" in b["result"]
+    assert loop["result"] == "1/2 successes (95% interval 10-90%)" and "seeds 12000-12001" in loop["data"]
+
+
+def test_grounding_table_reads_the_attention_stage_probe(tmp_path):
+    assert report.grounding_table(tmp_path) is None                       # the stage has not run
+    table = grounding_csv(tmp_path)
+    assert list(table.index) == ["base", "baseline seed 0", "refinevla seed 0"]
+    assert table.loc["refinevla seed 0", "within 1 cm"] == 0.975 and table.loc["base", "side questions"] == 20
+    assert np.isnan(table.loc["baseline seed 0", "side accuracy"])
+    assert table.loc["baseline seed 0", "example"] == "where is the red cube -> "  # an empty answer stays text
+    assert table.loc["base", "example"].startswith("where is the red cube -> ")
+
+
+def test_competence_table_switches_when_a_number_crosses_its_bar(tmp_path):
+    success = success_frame()                      # baseline: 6/50 in distribution, 0/50 variant
+    table = report.competence_table(success, manifest_literal())
+    assert list(table["met"]) == ["yes", "yes", "no", "no"]
+    value = "measured [95% interval] (count)"
+    assert table.iloc[0][value].startswith("97% [") and table.iloc[0][value].endswith("(78/80)")
+    assert table.iloc[1][value].endswith("(96/100)") and "manifest" in table.iloc[0]["source"]
+    assert table.iloc[2][value] == "12% [6, 24] (6/50)"
+    # the base just under the bar; the baseline competent: 30/50 in distribution, 20/50 variant
+    from refinevla.stats import wilson
+    good = success.copy()
+    for split, k in (("in_distribution", 30), ("variant", 20)):
+        at = (good["arm"] == "baseline") & (good["split"] == split)
+        good.loc[at, ["successes", "rate"]] = [k, k / 50]
+        good.loc[at, ["ci_low", "ci_high"]] = list(wilson(k, 50))
+    table = report.competence_table(good, manifest_literal(within_b=0.94))
+    assert list(table["met"]) == ["yes", "no", "yes", "yes"]
+    near = report.competence_table(good, manifest_literal(within_b=0.947)).iloc[1]   # not "95%" beside "no"
+    assert near["met"] == "no" and near[value].startswith("94.7% [")
+    assert report.competence_table(good, manifest_literal(within_b=57 / 60))["met"].iloc[1] == "yes"  # on the bar
+    assert list(report.competence_table(good, manifest_literal())["met"]) == ["yes"] * 4
+    high = good.assign(rate=np.where((good["arm"] == "baseline") & (good["split"] == "variant"), 0.9, good["rate"]))
+    assert report.competence_table(high, manifest_literal())["met"].iloc[3] == "no"   # a ceiling fails the band
+    # no manifest: the base row of the attention stage's probe; nothing at all: not measured
+    table = report.competence_table(good, None, grounding_csv(tmp_path))
+    assert list(table["met"]) == ["no", "no", "yes", "yes"] and table.iloc[0]["source"].startswith("attention/")
+    assert table.iloc[0][value].endswith("(10/20)") and table.iloc[1][value].endswith("(10/40)")
+    table = report.competence_table(None, None, None)
+    assert set(table["met"]) == {"not measured"}
+    nan_side = manifest_literal(side_b=float("nan"))
+    assert report.competence_table(good, nan_side)["met"].iloc[0] == "not measured"
+
+
+def test_competence_sentence_names_what_failed_with_its_value(tmp_path):
+    table = report.competence_table(success_frame(), manifest_literal(within_b=0.5))
+    sentence = report.competence_sentence(table)
+    assert sentence.startswith("The competence bar is not met: ")
+    assert "base: position within 1 cm, held-out frames 50% [" in sentence and "against >= 95%" in sentence
+    assert "in distribution 12% [6, 24] (6/50) against >= 60%" in sentence and "variant 0% [" in sentence
+    assert "side of the named object" not in sentence                      # met rows are not listed as failures
+    good = success_frame()
+    good = good.assign(rate=np.where(good["arm"] == "baseline", 0.6, good["rate"]),
+                       successes=np.where(good["arm"] == "baseline", 30, good["successes"]))
+    sentence = report.competence_sentence(report.competence_table(good, manifest_literal()))
+    assert sentence.startswith("The competence bar is met: ") and "(30/50)" in sentence
+    sentence = report.competence_sentence(report.competence_table(good, None, None))
+    assert sentence.startswith("The competence bar is not established: ") and "every measured bar is met" in sentence
+
+
+def test_base_losses_and_grounding_figures():
+    import matplotlib.pyplot as plt
+
+    fig = figures.plot_base_losses(manifest_literal())
+    a, b = fig.axes
+    assert [ln.get_label() for ln in a.get_lines()] == ["grounding loss", "grounding loss, held-out"]
+    assert [ln.get_label() for ln in b.get_lines()] == ["L_action", "grounding loss", "grounding loss, held-out"]
+    assert a.get_lines()[1].get_ydata()[0] == pytest.approx(6.5177)   # held-out dot at its step
+    plt.close(fig)
+
+    table = pd.DataFrame({"side accuracy": [0.5, np.nan, 1.0], "within 1 cm": [0.25, 0.0, 0.975]},
+                         index=pd.Index(["base", "baseline seed 0", "refinevla seed 0"], name="model"))
+    fig = figures.plot_grounding(table)
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == pytest.approx([50, 0, 100, 25, 0, 97.5])
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(table.index)
+    assert any(ln.get_ydata()[0] == 95 and ln.get_linestyle() == "--" for ln in ax.get_lines())
+    assert "n/a" in [t.get_text() for t in ax.texts]
+    plt.close(fig)
+
+
+def test_training_curves_without_a_pretraining_run_show_the_fine_tunes_only(tmp_path):
+    """A run that loads the released base has no train/pretrain: the curves and the figure still come."""
+    import matplotlib.pyplot as plt
+
+    for arm in ("baseline", "refinevla"):
+        d = tmp_path / "train" / arm / "seed0"
+        d.mkdir(parents=True)
+        d.joinpath("metrics.jsonl").write_text("".join(json.dumps(dict(
+            step=s, l_action=0.5, l_reason=1.0 if arm == "refinevla" else 0.0)) + "\n" for s in (5, 10)))
+    curves = report.training_curves(tmp_path)
+    assert set(curves["arm"]) == {"baseline", "refinevla"} and len(curves) == 4
+    fig = figures.plot_training_curves(curves)
+    fine, reason = fig.axes
+    assert fine.get_title().startswith("fine-tunes: L_action") and not any(
+        ln.get_marker() == "*" for ln in fine.get_lines())
+    assert [ln.get_label() for ln in reason.get_lines()] == ["ReFineVLA, seed 0"]
+    plt.close(fig)

@@ -36,7 +36,7 @@ class StandIns:
     """Stand-ins for the stage bodies; ``calls`` lists (stage, run folder name, detail) in the order they ran."""
 
     def __init__(self, monkeypatch):
-        from refinevla import attention, data, evaluate, teacher, train
+        from refinevla import attention, data, evaluate, grounding, teacher, train
 
         self.calls = []
         monkeypatch.setattr(data, "generate_demos", self.demos)
@@ -49,6 +49,11 @@ class StandIns:
         monkeypatch.setattr(evaluate, "evaluate", self.evaluate)
         monkeypatch.setattr(pipeline, "_rationale_check", lambda cfg, model_dir, out: None)
         monkeypatch.setattr(attention, "run_attention", self.attention)
+        monkeypatch.setattr(grounding, "probe_models", self.probe_models)
+
+    def probe_models(self, models, n_frames, *args, **kwargs):  # the attention stage's grounding probe
+        assert "base" in models and n_frames > 0
+        return pd.DataFrame([dict(model=m, side_accuracy=0.5) for m in models])
 
     def _log(self, stage, out, detail=""):
         out = Path(out)
@@ -232,7 +237,7 @@ def test_evaluate_refuses_a_model_trained_under_another_config_in_one_line(tmp_p
     unit = pipeline.evaluate_dir(cfg, "refinevla", 0)
     marker = pipeline.read_marker(unit)
     assert marker["model_key"] == pipeline.read_marker(pipeline.train_dir(cfg, "refinevla", 0))["hash"]
-    assert pipeline.read_marker(cfg.stage_dir("attention"))["model_keys"]["refinevla"] == marker["model_key"]
+    assert pipeline.read_marker(cfg.stage_dir("attention"))["model_keys"]["refinevla seed 0"] == marker["model_key"]
     pipeline.run_all(smoke(tmp_path, name="lambda025", lambda_reason=0.25))  # a finished attention stage to reuse
     # a fine-tune with lambda 0.25 written into this run folder (a Papermill run of 03_finetune with -p lambda_reason)
     pipeline.run_finetune(smoke(tmp_path, lambda_reason=0.25), "refinevla", 0)

@@ -1,0 +1,145 @@
+"""The released tiny base (refinevla.release, models/tiny-base): the folder is the one its manifest describes, a
+missing or altered file is named in one line before anything runs, the recipe reproduces the first steps of the
+released training bit for bit, and a small version of the recipe runs end to end and resumes after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from refinevla import recipe, release
+from refinevla.config import resolve
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE = REPO / "models" / "tiny-base"
+CLI = [sys.executable, "-m", "refinevla.cli"]
+
+
+def cli_env():
+    return dict(os.environ, MUJOCO_GL="egl", PYTHONUNBUFFERED="1")
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+def test_the_committed_release_matches_its_manifest():
+    manifest = release.verify_release(RELEASE)
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "vla.json", "README.md"}
+    size = sum(p.stat().st_size for p in RELEASE.iterdir())
+    assert size < 50e6, f"the release is {size / 1e6:.1f} MB; the project keeps it under 50 MB"
+    card = (RELEASE / "README.md").read_text()
+    for stage in ("a", "b"):  # the card shows the manifest's probe, not other numbers
+        assert f"{manifest['probe'][stage]['side_accuracy']:.3f}" in card
+    ok = manifest["closed_loop"]
+    assert f"**{ok['successes']}/{ok['episodes']}**" in card
+
+
+def test_the_default_preset_loads_the_release_and_keys_it_by_digest():
+    cfg = resolve("default")
+    assert cfg.model.checkpoint == "models/tiny-base"
+    assert release.is_release(cfg.model.checkpoint)
+    ident = release.checkpoint_id(cfg.model.checkpoint)
+    assert ident.startswith("models/tiny-base@") and len(ident.split("@")[1]) == 16
+    assert release.checkpoint_id("IPEC-COMMUNITY/spatialvla-4b-224-pt") == "IPEC-COMMUNITY/spatialvla-4b-224-pt"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_release_file_is_named_in_one_line(tmp_path, damage):
+    copy = tmp_path / "tiny-base"
+    shutil.copytree(RELEASE, copy)
+    weights = copy / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flip":  # same size, one byte changed
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    else:
+        weights.unlink()
+    with pytest.raises(release.ReleaseError) as err:
+        release.verify_release(copy)
+    message = str(err.value)
+    assert "\n" not in message and str(weights) in message
+    assert ("missing" if damage == "delete" else "altered") in message and "make base" in message
+
+
+def test_a_missing_manifest_is_not_a_release(tmp_path):
+    copy = tmp_path / "tiny-base"
+    shutil.copytree(RELEASE, copy)
+    (copy / "manifest.json").unlink()
+    assert not release.is_release(str(copy))
+    with pytest.raises(release.ReleaseError, match="manifest.json: missing"):
+        release.verify_release(copy)
+
+
+def test_the_command_line_stops_before_any_stage_on_an_altered_release(tmp_path):
+    copy = tmp_path / "tiny-base"
+    shutil.copytree(RELEASE, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    run = subprocess.run(CLI + ["train", "--preset", "default", "-p", "model.checkpoint", str(copy),
+                                "-p", "root", str(tmp_path / "data")],
+                         capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "tokenizer.json: altered" in last, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.arrow")), \
+        "no stage may write before the release is verified"
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def test_the_recipe_reproduces_the_first_released_steps_bit_for_bit(tmp_path):
+    """Stage (a)'s first logged steps, re-run from the code (tokenizer, model seed, frames rendered from their
+    seeds, data order): the same losses to the last bit, on one thread like the release."""
+    cfg = resolve("base")
+    expected, got = recipe.check_recipe(RELEASE, cfg, tmp_path / "rerun")
+    assert len(got) == len(expected) >= 2
+    for want, have in zip(expected, got):
+        assert have["step"] == want["step"]
+        assert have["loss"] == want["loss"], (want, have)  # exact, not approximate
+
+
+SMALL = ["-p", "model.size", "micro", "-p", "data.image_size", "32", "-p", "evaluate.image_size", "32",
+         "-p", "data.pretrain_mix", "{pick_cube: 2, lift: 1}", "-p", "grounding.frames", "12",
+         "-p", "grounding.probe_frames", "6", "-p", "grounding.tasks", "[pick_cube, lift]",
+         "-p", "vlm.steps", "40", "-p", "vlm.batch_size", "4", "-p", "vlm.checkpoint_every", "5",
+         "-p", "vlm.log_every", "5", "-p", "vlm.eval_every", "20", "-p", "vlm.warmup_steps", "2",
+         "-p", "pretrain.steps", "6", "-p", "pretrain.batch_size", "4", "-p", "pretrain.checkpoint_every", "3",
+         "-p", "pretrain.log_every", "3", "-p", "pretrain.eval_every", "3", "-p", "pretrain.warmup_steps", "1",
+         "-p", "evaluate.episodes_per_task", "1", "-p", "evaluate.max_steps", "8", "-p", "evaluate.workers", "1"]
+
+
+def test_a_small_recipe_releases_a_base_and_resumes_after_kill(tmp_path):
+    """`refinevla base` at micro size, killed (SIGKILL) during stage (a) after a checkpoint, then run again: it
+    resumes from the checkpoint (no repeated metric steps), writes a verified release and its card."""
+    out = tmp_path / "released"
+    args = CLI + ["base", "--preset", "base", "-p", "root", str(tmp_path / "data"), "-p", "grounding.release_dir",
+                  str(out)] + SMALL
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(),
+                            cwd=tmp_path, start_new_session=True)
+    vlm = tmp_path / "data" / "base" / "base" / "vlm"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metrics = vlm / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and any((vlm / "ckpt").glob("*")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not out.exists(), "the release folder is written last, whole"
+    run = subprocess.run(args, capture_output=True, text=True, timeout=900, env=cli_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    manifest = release.verify_release(out)
+    steps = [json.loads(x)["step"] for x in (vlm / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    assert manifest["probe"]["a"]["n"] > 0 and manifest["closed_loop"]["episodes"] == 1
+    assert "## Grounding probe" in (out / "README.md").read_text()
