@@ -94,7 +94,7 @@ def load_base(path: str | Path, quantization: str = "none", attn_implementation:
     if qc is not None:  # bitsandbytes places the weights itself: on this process's GPU under accelerate launch
         kwargs.update(quantized_load_kwargs(qc))
     elif torch.cuda.is_available():
-        kwargs.update(dtype=torch.bfloat16, device_map={"": _local_device()})
+        kwargs.update(device_map={"": _local_device()}, **dtype_kwarg(torch.bfloat16))
     model = PaliGemmaForConditionalGeneration.from_pretrained(str(path), **kwargs)
     if quantization == "4bit":
         keep_4bit_training_kernel(model)

@@ -82,6 +82,11 @@ def test_4bit_load_names_the_dtype_of_the_unquantised_modules(monkeypatch):
                  lambda: bases.load_remote("x", "spatialvla", "8bit")):
         with pytest.raises(Stop):
             load()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the unquantised bf16 load of a GPU
+    monkeypatch.setattr(model_mod, "_local_device", lambda: "cpu")
+    with pytest.raises(Stop):
+        model_mod.load_base("x", "none")
+    assert len(seen) == 4
     for kwargs in seen:
         assert kwargs["torch_dtype"] == torch.bfloat16 and "dtype" not in kwargs
     assert seen[0]["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
