@@ -197,7 +197,9 @@ class AnnotateConfig(_Checked):
     fail_fast_frames: int = opt(4, "stop the run when its first this many frames all fail for the same reason no "
                                    "retry fixes (0 = never)", ge=0)
     concurrency: int = opt(8, "HTTP requests in flight at most", ge=1)
-    max_attempts: int = opt(5, "requests per frame at most, retries and repair requests included", ge=1)
+    max_attempts: int = opt(12, "requests per frame at most, retries and repair requests included (a frame that "
+                                "meets 8 faults in a row, a bad answer and its failed repair among them, still gets "
+                                "its answer)", ge=1)
     timeout_s: float = opt(60.0, "seconds per request", gt=0.0)
     backoff_s: float = opt(1.0, "first retry wait without Retry-After; doubles per attempt", ge=0.0)
     max_wait_s: float = opt(60.0, "cap on any single wait, Retry-After included", ge=0.0)

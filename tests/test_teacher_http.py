@@ -205,12 +205,13 @@ def test_off_schema_answers_are_repaired_until_the_attempts_run_out(server, tmp_
     violations = [{"content": json.dumps({"observation": "only one part"})},
                   {"content": json.dumps({"observation": "x", "situation_analysis": "y", "spatial_reasoning": "z",
                                           "task_planning": "w", "extra": "not allowed"})}]
-    server.script.extend(violations)  # item 0: a bad answer, a bad repair, then a good second repair
+    server.script.extend(violations)  # item 0: a bad answer, a bad repair, then the question again: answered
     out = annotate(make_demos(episodes=1, steps=3), http_cfg(server, tmp_path, concurrency=1), tmp_path / "out")
     assert_each_row_has_its_own_answer(out)
-    assert server.count == 5 and cost(tmp_path / "out")["repairs"] == 2
-    second_repair = server.requests[2]["body"]["messages"]
-    assert len(second_repair) == 4 and "extra" in second_repair[-1]["content"]  # quotes the latest error only
+    assert server.count == 5 and cost(tmp_path / "out")["repairs"] == 1
+    repair, again = server.requests[1]["body"]["messages"], server.requests[2]["body"]["messages"]
+    assert len(repair) == 4 and "only one part" in repair[-2]["content"]  # the repair quotes the bad answer
+    assert again == server.requests[0]["body"]["messages"]  # a bad repair is not repaired: the question again
 
     server.reset()  # the same with 2 attempts: the frame fails, and only it is asked again by the next run
     server.script.extend(violations)
@@ -253,6 +254,53 @@ def test_a_mix_of_faults_never_ends_a_frame_before_its_last_attempt(server, tmp_
     summary = cost(tmp_path / "out")
     assert summary["failed"] == 0 and server.count == sum(i % 9 + 1 for i in range(36)) == summary["requests_sent"]
     assert summary["repairs"] > 0 and summary["retries"] > 0
+
+
+def prompt_of(body: dict) -> str:
+    """The conversation a request carries, images left out: a repair (the question, the bad answer, the repair
+    prompt) is another conversation than the question alone."""
+    texts = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [c.get("text", "") for c in content or []]
+        texts.append(f"{message.get('role')}: " + " ".join(p or "" for p in parts))
+    return "\n".join(texts)
+
+
+def test_every_frame_is_stored_in_one_run_when_repairs_meet_faults_too(server, tmp_path, capsys):
+    """A fault server that treats a repair as a new prompt: each conversation meets the frame's i % 9 faults
+    (429, 500, a timeout, malformed JSON, off-schema, empty, no choices, 503, in turns) before an answer, a repair
+    starting over. A repair of a repair is a new conversation each time and never got through (seven attempts a
+    frame stored none of 84); asking the question again after a failed repair reaches its answer. At the default
+    max_attempts every one of the 84 frames is stored in one run; requests per stored frame are reported."""
+    demos = make_demos(episodes=7, steps=12)
+    order = {f"lift the red cube ep{ep} st{st}": ep * 12 + st for ep in range(7) for st in range(12)}
+    seen, lock = {}, threading.Lock()
+
+    def rule(n, body):
+        frame, prompt = order[instruction_of(body)], prompt_of(body)
+        with lock:
+            k = seen[prompt] = seen.get(prompt, -1) + 1
+        return FAULTS[(frame + k) % len(FAULTS)] if k < frame % 9 else None
+
+    server.rule = rule
+    default_attempts = AnnotateConfig().max_attempts
+    cfg = http_cfg(server, tmp_path, concurrency=8, max_attempts=default_attempts, timeout_s=1.0, json_schema=False)
+    start = time.monotonic()
+    out = annotate(demos, cfg, tmp_path / "out")
+    wall = time.monotonic() - start
+    assert len(out) == 84
+    assert_each_row_has_its_own_answer(out)
+    summary = cost(tmp_path / "out")
+    assert summary["failed"] == 0 and summary["stored"] == 84 and summary["repairs"] > 0
+    assert summary["requests_sent"] == server.count
+    assert summary["requests_per_stored_frame"] == round(server.count / 84, 3)
+    assert all(len(body["messages"]) <= 4 for body in server.bodies())  # no repair of a repair
+    printed = capsys.readouterr().out
+    assert f"84 frames stored with {server.count} requests ({summary['requests_per_stored_frame']} per stored frame" \
+        in printed
+    print(f"\nfault mix with mangled repairs: {server.count} requests for 84 frames "
+          f"({summary['requests_per_stored_frame']} per stored frame), {wall:.1f} s", file=sys.stderr)
 
 
 def closed_port_url() -> str:

@@ -20,6 +20,7 @@ from .cost import estimate, format_estimate
 from .frames import key_frame_sources
 from .privileged import run_privileged
 from .rationale import Annotation, render_rationale
+from .online import TeacherError
 from .remote import HttpRun
 
 
@@ -81,7 +82,7 @@ def annotate(demos, cfg, out_dir):
     write_json(out_dir / "cost.json", summary)
     write_text(out_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if summary["failed"]:
-        raise RuntimeError(
+        raise TeacherError(
             f"annotate: {summary['failed']} of {len(keys)} key frames failed after up to {cfg.max_attempts} "
             f"attempts (reasons in {out_dir / 'cost.json'}, e.g. {summary['failures'][0]['error']!r}); the "
             f"{len(notes)} successes are cached in {cfg.resolved_cache_path()}: "

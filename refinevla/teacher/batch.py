@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cache import Answer
+from .online import TeacherError
 from .request import build_messages, parse_answer, request_body
 
 ENDPOINT = "/v1/chat/completions"
@@ -139,7 +140,7 @@ def submit(client, ledger: BatchLedger, path: Path, sha: str, keys: list[str], c
             uploaded = client.files.create(file=(f"refinevla-{sha[:16]}.jsonl", f, "application/jsonl"),
                                            purpose="batch")
         except client_errors() as e:
-            raise RuntimeError(f"AnnotateConfig.batch: {client.base_url} has no Batch API (uploading the input "
+            raise TeacherError(f"AnnotateConfig.batch: {client.base_url} has no Batch API (uploading the input "
                                f"file answered {e.status_code}); set batch: false to send online requests") from e
     import openai
     create = dict(input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window=cfg.batch_window)

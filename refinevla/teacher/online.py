@@ -4,7 +4,12 @@
   and `Retry-After` (429 / 5xx / timeouts) are done here, visibly, with a cap of `max_attempts` requests per
   frame. Whatever mix of faults a frame meets (429, 5xx, timeouts, no choices, empty, malformed or off-schema
   answers), it is asked again until a valid rationale or its last attempt; after a bad answer the next attempt
-  is a repair request that quotes the error (it counts as one attempt).
+  is a repair request that quotes the error (it counts as one attempt). A repair is sent once: when it fails
+  (a bad answer again, or an error) the next attempt, after a backoff, asks the original question afresh. A repair
+  of a repair would be a new conversation every time, so an endpoint that fails new prompts more often (rate
+  limits per prompt, a cache keyed by the conversation, a fault server that treats a repair as a new prompt) would
+  never answer it: seven attempts a frame stored none of 84 frames that way; asking the same question again
+  does not start over.
 - Errors that asking again cannot fix (400, 401, 403, 404, 422) end the frame at once, with a `kind` the run
   uses to stop early when the first frames all fail the same way (refinevla/teacher/remote.py). A 400 asking for
   `max_completion_tokens` instead of `max_tokens` (or the reverse) switches the name once for the whole run
@@ -34,6 +39,11 @@ from .request import (TOKEN_PARAMS, Job, build_messages, parse_answer, refuses_t
                       request_body, sends_temperature, token_param)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot go on (no key, the endpoint refuses or is dead, frames failed, no Batch API); the message
+    is one line naming the cause and the fix (the command line ends with it)."""
 
 
 class EmptyChoices(Exception):
@@ -124,7 +134,7 @@ class HttpTeacher:
         self.openai, self.cfg = openai, cfg
         self.key = os.environ.get(cfg.api_key_env)
         if not self.key and urlparse(cfg.base_url or "").hostname not in LOCAL_HOSTS:
-            raise RuntimeError(f"AnnotateConfig.api_key_env: environment variable {cfg.api_key_env!r} is "
+            raise TeacherError(f"AnnotateConfig.api_key_env: environment variable {cfg.api_key_env!r} is "
                                "not set (it should hold the API key; the key never goes in the config)")
         self.client = openai.OpenAI(api_key=self.key or "unused-local", base_url=cfg.base_url,
                                     timeout=cfg.timeout_s, max_retries=0)
@@ -218,6 +228,7 @@ class HttpTeacher:
                         answer.error += " (if the server lacks structured output, set json_schema=False)"
                     return
                 answer.kind = fault_kind(e)  # a refused connection is retried, but the run watches it
+                messages = base  # a repair that failed is not sent again: the question is asked afresh
                 if attempt < self.cfg.max_attempts:
                     answer.retries += 1
                     told = retry_after_s(e)
@@ -231,10 +242,16 @@ class HttpTeacher:
                 answer.rationale, answer.error, answer.kind = rationale, "", ""
                 return
             answer.error, answer.kind = reason, ""
-            if attempt < self.cfg.max_attempts:  # the next attempt asks to repair this answer
+            if attempt >= self.cfg.max_attempts:
+                break
+            if messages is base:  # the next attempt (one of the frame's attempts) asks to repair this answer
                 answer.repairs += 1
                 messages = base + [{"role": "assistant", "content": content or ""},
                                    {"role": "user", "content": repair_prompt(reason)}]
+            else:  # a bad repair is not repaired in turn: after a pause the question is asked afresh
+                messages = base
+                answer.retries += 1
+                time.sleep(self.backoff_s(attempt))
         answer.error = f"{answer.error} (after {attempt} attempts)"
 
 

@@ -18,7 +18,7 @@ from .batch import run_batches
 from .cache import Answer, AnswerCache
 from .cost import cost_usd, price
 from .faithfulness import check_faithfulness, summarize_faithfulness
-from .online import HttpTeacher, bounded_map
+from .online import HttpTeacher, TeacherError, bounded_map
 from .rationale import Annotation, Rationale
 from .request import PROMPT_VERSION, Job, jobs
 
@@ -48,6 +48,7 @@ class HttpRun:
         self.totals = dict.fromkeys(("requests", "retries", "repairs", "input_tokens", "output_tokens"), 0)
         self.cached = {"hits": 0, "input_tokens": 0, "output_tokens": 0}  # answers reused from the cache
         self.cache = self.bar = None
+        self.stored = 0  # frames whose answer this run asked for and stored
 
     def run(self) -> tuple[dict[int, Annotation], dict]:
         self.cache = AnswerCache(self.cfg.resolved_cache_path())
@@ -65,7 +66,13 @@ class HttpRun:
             self.teacher.stopped.set()
             self.bar.close()
             self.cache.close()
-        return self.notes, self.summary(batches)
+        summary = self.summary(batches)
+        if summary["requests_sent"]:
+            per = summary["requests_per_stored_frame"]
+            print(f"annotate: {self.stored} frames stored with {summary['requests_sent']} requests "
+                  f"({per if per is not None else 'none stored'} per stored frame; {summary['repairs']} repairs, "
+                  f"{summary['retries']} retries) in {self.seconds:.1f} s", flush=True)
+        return self.notes, summary
 
     def record(self, job: Job, rationale: Rationale) -> None:
         self.notes[job.index] = Annotation(rationale, "http", self.cfg.model, PROMPT_VERSION, job.key)
@@ -93,7 +100,7 @@ class HttpRun:
             answer = self.teacher.answer(job)
             self.store([(job, answer)])
             if answer.rationale is None and answer.kind:
-                raise RuntimeError(stop_message(self.cfg, answer.kind, answer.error, "the preflight request failed"))
+                raise TeacherError(stop_message(self.cfg, answer.kind, answer.error, "the preflight request failed"))
         return misses
 
     def store(self, pairs: list[tuple[Job, Answer]]) -> None:
@@ -105,6 +112,7 @@ class HttpRun:
                 self.totals[k] += getattr(answer, k)
             if answer.rationale is not None:
                 self.answered = True
+                self.stored += 1
                 self.record(job, answer.rationale)
                 continue
             self.failures.append({"row": job.index, "error": answer.error, "requests": answer.requests})
@@ -115,7 +123,7 @@ class HttpRun:
                 if len(self.early_kinds) >= self.cfg.fail_fast_frames and len(kinds) == 1 and answer.kind:
                     self.teacher.stopped.set()
                     where = f"the first {len(self.early_kinds)} frames all failed the same way"
-                    raise RuntimeError(stop_message(self.cfg, answer.kind, answer.error, where))
+                    raise TeacherError(stop_message(self.cfg, answer.kind, answer.error, where))
 
     def run_batches(self, misses) -> dict:
         """The misses through the provider's Batch API; frames whose batch is still running when the wait ends
@@ -162,6 +170,8 @@ class HttpRun:
                    "cost_usd": cost_usd(cfg, totals["input_tokens"], totals["output_tokens"]),
                    "price_per_1m": price(cfg), "request_seconds": round(seconds, 3),
                    "requests_per_s": round(totals["requests"] / seconds, 2) if seconds > 0 else None,
+                   "stored": self.stored,
+                   "requests_per_stored_frame": round(totals["requests"] / self.stored, 3) if self.stored else None,
                    # the whole dataset's answers, cached ones included (what the annotations cost to make)
                    "dataset_input_tokens": dataset_in, "dataset_output_tokens": dataset_out,
                    "dataset_cost_usd": cost_usd(cfg, dataset_in, dataset_out),
