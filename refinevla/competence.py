@@ -114,6 +114,8 @@ def grounding_table(run_dir) -> pd.DataFrame | None:
     table = table.rename(columns=GROUNDING_COLUMNS)
     if "example" in table:
         table["example"] = table["example"].fillna("").astype(str)
+    if "split" in table:  # one row per model and scene split: "base, in distribution", "base, variant"
+        table["model"] = table["model"] + ", " + table.pop("split").str.replace("_", " ")
     return table.set_index("model")
 
 
@@ -148,10 +150,11 @@ def competence_table(success: pd.DataFrame | None, manifest: dict | None = None,
         side = (probe.get("side_accuracy"), probe.get("side_rows"))
         within = (probe.get("within_1cm"), probe.get("n"))
         source = "the base's model card (manifest.json), probe after stage (b)"
-    elif grounding is not None and "base" in grounding.index:
-        g = grounding.loc["base"]
+    elif grounding is not None and ({"base", "base, in distribution"} & set(grounding.index)):
+        row = "base" if "base" in grounding.index else "base, in distribution"
+        g = grounding.loc[row]
         side, within = (g["side accuracy"], g["side questions"]), (g["within 1 cm"], g["questions"])
-        source = "attention/grounding.csv, row base"
+        source = f"attention/grounding.csv, row {row}"
     num = lambda pair: tuple(float(x) if _finite(x) else math.nan for x in pair)
     at_least = lambda bar: (lambda r: r >= bar - 1e-12)  # 57/60 is the bar 0.95, whatever its last bit
     bar = f">= {100 * BASE_BAR:.0f}%"

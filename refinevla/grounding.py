@@ -68,11 +68,14 @@ def perturbed_frame(sim, seed: int, arm_noise: float) -> dict:
 
 
 def render_frames(tasks, seeds, image_size: int = 64, camera: str = "", arm_noise: float = 0.1,
-                  desc: str = "grounding frames") -> list[dict]:
-    """Frame i: task ``tasks[i % len(tasks)]``, scene ``seeds[i]`` (perturbed_frame); deterministic per seed."""
+                  desc: str = "grounding frames", split: str = "in_distribution") -> list[dict]:
+    """Frame i: task ``tasks[i % len(tasks)]``, scene ``seeds[i]`` (perturbed_frame); deterministic per seed.
+    ``split`` "variant" shows each frame in the variant scene its seed draws (textures, lighting, camera:
+    refinevla.scenes), as the evaluation's variant split does."""
     from .sim import make_task
 
-    sims = {task: make_task(task, image_size=image_size, segmentation=False, camera=camera) for task in tasks}
+    sims = {task: make_task(task, image_size=image_size, segmentation=False, camera=camera, split=split)
+            for task in tasks}
     frames = []
     for i, seed in enumerate(tqdm(seeds, desc=desc, mininterval=1.0)):
         task = tasks[i % len(tasks)]
@@ -206,20 +209,22 @@ def score(rows, answers) -> dict:
 
 
 def probe_models(models: dict, n_frames: int = 200, tasks=("pick_cube",), image_size: int = 64, camera: str = "",
-                 arm_noise: float = 0.1, min_pixels: int = 4):
+                 arm_noise: float = 0.1, min_pixels: int = 4, splits=("in_distribution",)):
     """The grounding probe of several models (a display name -> model folder: a base or a fine-tune, load_vla) on
-    the same held-out frames (the first ``n_frames`` probe seeds) -> one row per model (pandas DataFrame)."""
+    the same held-out frames (the first ``n_frames`` probe seeds), shown in each scene split of ``splits`` -> one
+    row per model and split (pandas DataFrame)."""
     import pandas as pd
 
     from .policy import load_vla
 
-    rows = grounding_rows(render_frames(list(tasks), frame_seeds(n_frames, probe=True), image_size, camera, arm_noise,
-                                        desc="grounding probe frames"), min_pixels)
+    rows = {split: grounding_rows(render_frames(list(tasks), frame_seeds(n_frames, probe=True), image_size, camera,
+                                                arm_noise, desc=f"grounding probe frames ({split})", split=split),
+                                  min_pixels) for split in splits}
     table = []
-    for name, model_dir in models.items():
+    for (name, model_dir), split in ((m, split) for m in models.items() for split in splits):
         model, tok, _ = load_vla(model_dir)
-        s = probe(model, tok, rows)
-        table.append(dict(model=name, questions=s["n"], answered=s["answered"], side_rows=s["side_rows"],
+        s = probe(model, tok, rows[split])
+        table.append(dict(model=name, split=split, questions=s["n"], answered=s["answered"], side_rows=s["side_rows"],
                           side_accuracy=s["side_accuracy"], within_1cm=s["within_1cm"], exact=s["exact"],
                           mae_x_cm=s["mae_cm"][0], mae_y_cm=s["mae_cm"][1], mae_z_cm=s["mae_cm"][2],
                           example=f"{s['examples'][0]['question']} -> {s['examples'][0]['answer']}"))

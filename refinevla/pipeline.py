@@ -473,7 +473,8 @@ def run_attention(cfg: RunConfig, force=()):
     base = [_checkpoint_id(cfg)] if cfg.model.checkpoint else []
     if not cfg.model.checkpoint:
         inputs.append(cfg.stage_dir("train", "pretrain"))
-    key = stage_key([cfg.attention, cfg.data.image_size, cfg.data.camera] + base, inputs, code="attention")
+    key = stage_key([cfg.attention, cfg.data.image_size, cfg.data.camera, cfg.evaluate.splits] + base, inputs,
+                    code="attention")
     require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), "attention", _fix(cfg, "annotate"),
                     ("data", "annotate"))
     trained_keys = {f"{v} seed {s}": _require_model(cfg, v, s, "attention") for v, s in probed}  # before "up to date"
@@ -490,7 +491,7 @@ def run_attention(cfg: RunConfig, force=()):
         probed_models = {"base": base_model_dir(cfg)} | {f"{v} seed {s}": train_dir(cfg, v, s) / "model"
                                                          for v, s in probed}
         probe_models(probed_models, cfg.attention.grounding_frames, cfg.evaluate.tasks, cfg.data.image_size,
-                     cfg.data.camera).to_csv(out / "grounding.csv", index=False)
+                     cfg.data.camera, splits=cfg.evaluate.splits).to_csv(out / "grounding.csv", index=False)
     mark_done(out, key, cfg, started, model_keys=trained_keys)
     return table
 

@@ -317,8 +317,9 @@ class AttentionConfig(_Checked):
     max_rationale_tokens: int = opt(64, "rationale tokens generated at most (the teacher writes ~50)", ge=1)
     threads: int = opt(0, "CPU threads for torch (0 = auto)", ge=0)
     open_loop: bool = opt(True, "also score each decoded action against the expert's (frames.csv)")
-    grounding_frames: int = opt(200, "held-out frames of the grounding probe of the base and every fine-tune "
-                                     "(grounding.csv; seeds 45_000+, refinevla.grounding); 0: none", ge=0, le=5000)
+    grounding_frames: int = opt(200, "held-out frames of the grounding probe of the base and every fine-tune, "
+                                     "shown in each scene split of evaluate.splits (grounding.csv; seeds 45_000+, "
+                                     "refinevla.grounding); 0: none", ge=0, le=5000)
 
 
 @dataclass

@@ -371,3 +371,16 @@ def test_training_curves_without_a_pretraining_run_show_the_fine_tunes_only(tmp_
         ln.get_marker() == "*" for ln in fine.get_lines())
     assert [ln.get_label() for ln in reason.get_lines()] == ["ReFineVLA, seed 0"]
     plt.close(fig)
+
+
+def test_grounding_table_one_row_per_model_and_split(tmp_path):
+    rows = [dict(model=m, split=s, questions=40, answered=1.0, side_rows=20, side_accuracy=acc, within_1cm=0.5,
+                 exact=0.1, mae_x_cm=1.0, mae_y_cm=1.0, mae_z_cm=1.0, example="x -> y")
+            for m, s, acc in [("base", "in_distribution", 0.9), ("base", "variant", 0.6)]]
+    (tmp_path / "attention").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "attention" / "grounding.csv", index=False)
+    table = report.grounding_table(tmp_path)
+    assert list(table.index) == ["base, in distribution", "base, variant"] and "split" not in table
+    competence = report.competence_table(None, None, table)  # the base's bar reads the in-distribution row
+    assert competence.iloc[0]["measured [95% interval] (count)"].startswith("90%")
+    assert "row base, in distribution" in competence.iloc[0]["source"]
