@@ -1,0 +1,92 @@
+"""benchmarks/grounding.py: the counterfactual pairs and their answers, and a run at the smallest size (a few real
+robosuite frames, the released base read out, a micro model trained a few steps) whose result file the book reads.
+
+`pytest tests/test_grounding_benchmark.py -q` (~1 min)
+"""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT / "models" / "tiny-base"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("grounding_benchmark", ROOT / "benchmarks" / "grounding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frame(red_y: float, green_y: float, pixels=(50, 50)) -> dict:
+    """A frame with the gripper at the origin and the cubes 5 cm ahead, ``*_y`` metres to the left (+) / right."""
+    state = np.zeros(8, np.float32)
+    return dict(image=np.zeros((8, 8, 3), np.uint8), state=state, seed=1,
+                objects=[dict(name="red cube", pos=[0.05, red_y, 0.0], pixels=pixels[0]),
+                         dict(name="green cube", pos=[0.05, green_y, 0.0], pixels=pixels[1])])
+
+
+def test_a_frame_is_asked_about_both_cubes_and_the_answers_follow_the_question(bench):
+    red, green = bench.pair_rows(frame(0.06, -0.04), index=0)  # red on the left, green on the right
+    assert (red["name"], green["name"]) == ("red cube", "green cube") and red["image"] is green["image"]
+    assert red["prompt"] == "where is the red cube" and green["prompt"] == "where is the green cube"
+    assert red["answer"] == "the red cube is 5 cm ahead of and 6 cm left of the gripper"
+    # the task: the side of the named cube; a pair whose cubes lie on different sides gets different answers
+    assert [bench.answer_word(r, "task") for r in (red, green)] == ["left", "right"]
+    # controls: the colour named (text only) differs in every pair; the red cube's side (image only) never does
+    assert [bench.answer_word(r, "text_only") for r in (red, green)] == ["red", "green"]
+    assert [bench.answer_word(r, "vision_only") for r in (red, green)] == ["left", "left"]
+
+    same = bench.pair_rows(frame(-0.03, -0.15), index=1, prompt="instruction")  # both on the right
+    assert [r["prompt"] for r in same] == ["pick up the red cube", "pick up the green cube"]
+    assert [bench.answer_word(r, "task") for r in same] == ["right", "right"]
+    assert [bench.answer_word(r, "vision_only") for r in same] == ["right", "right"]
+    with pytest.raises(ValueError, match="unknown question"):
+        bench.answer_word(red, "size")
+
+
+def test_frames_that_cannot_be_asked_about_both_cubes_are_left_out(bench):
+    assert bench.pair_rows(frame(0.06, -0.04, pixels=(50, 2)), 0) == []   # the green cube out of view
+    assert bench.pair_rows(frame(0.004, -0.04), 0) == []                 # the red cube < 1 cm to a side
+    assert bench.side_of([0.0, 0.012, 0.0]) == "left" and bench.side_of([0.0, -0.02, 0.0]) == "right"
+
+
+@pytest.mark.skipif(not (RELEASE / "model.safetensors").exists(), reason="the released base is not here")
+def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # model folders are found from the repository, whatever the working directory
+    out = tmp_path / "grounding.json"
+    bench.main(["--size", "micro", "--frames", "3", "--heldout-frames", "3", "--steps", "2", "--eval-every", "1",
+                "--train-from", "scratch", "--questions", "task,vision_only", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "grounding" and r["settings"]["steps"] == 2 and r["machine"]["cpus"] >= 1
+    assert {"torch", "transformers"} <= set(r["versions"]) and r["wall_s"] > 0
+    held = r["frames"]["heldout"]
+    assert held["usable"] == 3 and held["rows"] == 6 and held["seeds"][0] == bench.HELDOUT_SEED_OFFSET
+    assert r["frames"]["training"]["seeds"][0] == bench.TRAIN_SEED_OFFSET
+
+    [read] = r["readout"]
+    assert read["checkpoint"].endswith("tiny-base") and read["questions"] == 6 and read["frames"] == 3
+    shares = [read[k] for k in ("answered", "side_accuracy", "within_1cm", "exact", "pair_side_consistency",
+                                "pair_within_1cm")]
+    shares += [v[k] for part in ("by_colour", "by_side") for v in read[part].values() for k in ("side_accuracy",
+                                                                                                 "within_1cm")
+               if not math.isnan(v[k])]
+    assert all(0 <= x <= 1 for x in shares)
+    assert len(read["mae_cm"]) == 3 and read["spread"] > 0
+
+    assert [(t["init"], t["question"]) for t in r["train"]] == [("scratch", "task"), ("scratch", "vision_only")]
+    for t in r["train"]:
+        assert [c["step"] for c in t["curve"]] == [0, 1, 2] and t["steps"] == 2
+        assert all(0 <= c["accuracy"] <= 1 and 0 <= c["pairs_right"] <= 1 and c["spread"] > 0 for c in t["curve"])
+        assert t["accuracy"] == t["curve"][-1]["accuracy"] and t["step_s"] > 0
+
+    from refinevla import report
+
+    [(name, table, note)] = report.benchmark_tables({"grounding": r})
+    assert name == "grounding" and len(table) == 3 and "readout" in set(table["mode"])
+    assert "held-out" in note
