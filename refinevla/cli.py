@@ -12,13 +12,18 @@ Examples:
 
 A bad value is refused in one line naming the key, the value and what is allowed (exit status 2), before any
 stage deletes or writes anything; a stage whose input was made under another config says which stage to run
-first (exit status 1).
+first (exit status 1). Every expected runtime failure (a damaged file, damaged episode records, a damaged teacher
+cache, a teacher that stopped or gave up, an unreadable checkpoint, a failed notebook) ends in one line naming the
+cause and the fix (exit status 1); its traceback is appended to the run's log file, data/<run>/refinevla.log.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
+import time
+import traceback
+from pathlib import Path
 
 import yaml
 
@@ -98,13 +103,57 @@ def _fail(command: str, error: BaseException, status: int) -> int:
     return status
 
 
+LOG = "refinevla.log"
+
+
+def expected_failures() -> tuple[type, ...]:
+    """The runtime failures the command line ends in one line (their messages name the cause and the fix)."""
+    from .book import NotebookFailed
+    from .checkpoints import CheckpointError
+    from .integrity import DamagedFileError
+    from .markers import StaleInputError
+    from .records import RecordsDamagedError
+    from .teacher.cache import CacheError
+    from .teacher.online import TeacherError
+
+    return (StaleInputError, DamagedFileError, RecordsDamagedError, CacheError, TeacherError, CheckpointError,
+            NotebookFailed)
+
+
+def log_failure(run_dir: Path, argv, error: BaseException) -> Path | None:
+    """Append the command and the traceback to the run's log file; its path (None when it cannot be written)."""
+    path = Path(run_dir) / LOG
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} refinevla {' '.join(argv)}\n")
+            fh.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        return path
+    except OSError:
+        return None
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         cfg = _config(args)  # every key and value is checked before anything runs
     except (ValueError, KeyError, TypeError) as error:
         return _fail(args.command, error, 2)
+    try:
+        return _run(args, cfg)
+    except expected_failures() as error:
+        from .book import REPO
 
+        run_dir = cfg.run_dir if args.command != "book" else REPO / "data" / (args.run or args.preset)
+        log = log_failure(run_dir, argv, error)
+        message = " ".join(str(error).split())
+        where = f" (traceback in {log})" if log else ""
+        print(f"refinevla {args.command}: error: {message}{where}", file=sys.stderr)
+        return 1
+
+
+def _run(args, cfg) -> int:
     if args.command == "book":
         from .book import build_book, run_notebooks
         from .config import ALIASES
@@ -141,8 +190,6 @@ def main(argv=None) -> int:
                 print(result.to_string())
     except ConfigError as error:
         return _fail(args.command, error, 2)
-    except pipeline.StaleInputError as error:
-        return _fail(args.command, error, 1)
     return 0
 
 

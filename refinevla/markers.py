@@ -12,6 +12,10 @@ A stage folder is finished when its ``_done.json`` holds the stage's key. The ke
    the fine-tunes and what depends on them, not the demonstrations; upgrading robosuite re-runs the demonstrations
    and the evaluations.
 
+A marker also lists every file the stage wrote, with its size and sha256 (refinevla.integrity): ``ready`` calls a
+stage up to date only when they are whole (else it names the damaged file in one line, moves it to
+``<stage>/.damaged/`` and re-runs the stage), and ``require_current`` refuses a damaged input in one line.
+
 Not hashed: the orchestration and configuration modules (``ORCHESTRATION``: pipeline, markers, cli, config, book,
 report). What they hand a stage is its config, which the key covers; editing them re-runs nothing. Nor are the
 Python version, CUDA, the GPU, or data files outside the package; ``refinevla <stage> --force STAGE`` re-runs a
@@ -42,6 +46,7 @@ import uuid
 from pathlib import Path
 
 from .config import config_hash
+from .integrity import DamagedFileError, damage, describe, manifest, set_aside
 
 PACKAGE = Path(__file__).parent
 MARKER = "_done.json"
@@ -210,7 +215,7 @@ def mark_done(stage_dir: Path, key: str, cfg, started: float, **extra) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(stage_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     marker = dict(hash=key, started=round(started, 3), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  wall_s=round(time.time() - started, 1), **extra)
+                  wall_s=round(time.time() - started, 1), **extra, files=manifest(stage_dir))
     atomic_write(stage_dir / MARKER, json.dumps(marker, indent=1))
 
 
@@ -226,8 +231,15 @@ def ready(run_dir: Path, out: Path, key: str, forced: bool, what: str) -> bool:
     if forced:
         return False
     if is_done(out, key):
-        print(f"{what}: up to date in {out}")
-        return True
+        found = damage(out, read_marker(out))
+        if not found:
+            print(f"{what}: up to date in {out}")
+            return True
+        print(f"{what}: {describe(found)}; re-running {what} (damaged files kept in {Path(out) / '.damaged'})",
+              flush=True)
+        if is_main():  # nothing is deleted: the stage re-runs (and resumes) over its folder
+            clear_marker(out)
+            set_aside(out, found)
     source = reuse(out, key, run_dir)
     if source is not None:
         print(f"{what}: reused from {source} (same key {key})")
@@ -276,10 +288,14 @@ def _stale_checkpoint(out: Path, key: str) -> bool:
 
 # ------------------------------------------------------------------------------------------- input checks
 def require_current(cfg, stage_dir: Path, expected: str, what: str, fix: str, sections=()) -> dict:
-    """``stage_dir``'s marker, if it holds the key the current config expects; else a one-line StaleInputError
-    naming up to three config keys that differ from the config.yaml saved beside it, and the fix."""
+    """``stage_dir``'s marker, if it holds the key the current config expects and its files are whole; else a
+    one-line StaleInputError naming up to three config keys that differ from the config.yaml saved beside it, or
+    a DamagedFileError naming the damaged file, and the fix."""
     marker = read_marker(stage_dir)
     if marker is not None and marker.get("hash") == expected:
+        found = damage(stage_dir, marker)
+        if found:
+            raise DamagedFileError(f"{what}: {describe(found)}; {fix}")
         return marker
     if marker is None:
         state = "is not finished"
@@ -325,7 +341,10 @@ def find_finished(out: Path, key: str, run_dir: Path) -> Path | None:
             continue
         candidate = other / rel
         if is_done(candidate, key) and not candidate.is_symlink():
-            return candidate
+            found = damage(candidate, read_marker(candidate))
+            if not found:
+                return candidate
+            print(f"not reused: {describe(found)}", flush=True)
     return None
 
 

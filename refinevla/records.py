@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -38,17 +39,45 @@ def error_text(e: BaseException) -> str:
 # the file
 
 
+class RecordsDamagedError(ValueError):
+    """A line of an episodes.jsonl other than its last is not a record: one line naming the file, the line and
+    the fix (refinevla.cli ends with it)."""
+
+
+def _parse_lines(path: Path) -> tuple[list[dict], list[int], bool]:
+    """(records, numbers of the bad lines other than the last, whether the last line is torn)."""
+    lines = path.read_text().splitlines()
+    records, bad, torn = [], [], False
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            records.append(record)
+        except ValueError:
+            if number == len(lines):
+                torn = True  # a kill mid-write cuts the last line only
+            else:
+                bad.append(number)
+    return records, bad, torn
+
+
 def read_records(path) -> list[dict]:
-    """Episode records of an ``episodes.jsonl`` (missing file = none; a torn last line is ignored)."""
+    """Episode records of an ``episodes.jsonl`` (missing file = none). A torn last line (a run killed while writing
+    it) is left out with a message; any other line that is not a record stops here (RecordsDamagedError naming the
+    file and the line), so that no table loses an episode in silence."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill: that episode runs again
+    records, bad, torn = _parse_lines(path)
+    if bad:
+        raise RecordsDamagedError(
+            f"{path}: line {bad[0]} is not a valid episode record" + (f" (and {len(bad) - 1} more line(s))"
+                                                                       if len(bad) > 1 else "")
+            + "; run the evaluation again (`refinevla evaluate`): the damaged file is found and its episodes re-run")
+    if torn:
+        print(f"{path}: its last line is cut short (a run stopped while writing it); that episode is left out "
+              "and runs again when the evaluation resumes", file=sys.stderr, flush=True)
     return records
 
 
@@ -77,12 +106,20 @@ def rewrite_records(path: Path, records: list[dict]) -> None:
 
 
 def resume_records(path: Path, retry_errors: bool) -> list[dict]:
-    """The records a resumed run keeps: every whole one, less the errored ones with ``retry_errors``; the file is
-    rewritten when something was dropped, so that appended lines start on a fresh line."""
-    records = read_records(path)
+    """The records a resumed run keeps: every whole one, less the errored ones with ``retry_errors``; a line that
+    is not a record (a torn last line, or one damaged later) is dropped with a message naming it, and its
+    episode runs again. The file is rewritten when something was dropped, so that appended lines start on a
+    fresh line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, bad, torn = _parse_lines(path)
+    for number in bad + ([len(path.read_text().splitlines())] if torn else []):
+        print(f"{path}: line {number} is not a valid episode record; dropped, its episode runs again",
+              file=sys.stderr, flush=True)
     if retry_errors:
         records = [r for r in records if not r.get("error")]
-    if retry_errors or is_torn(path):
+    if retry_errors or bad or torn or is_torn(path):
         rewrite_records(path, records)
     return records
 

@@ -319,6 +319,9 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
             if stop_after is not None and done >= stop_after:
                 break
     acc.wait_for_everyone()
+    if not last and metrics_path.exists():  # resumed at its last step (a damaged model saved again): the logged end
+        lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+        last = json.loads(lines[-1]) if lines else {}
     return last
 
 
