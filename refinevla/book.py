@@ -72,12 +72,56 @@ class NotebookFailed(RuntimeError):
 
 def open_run(preset: str, run: str = "", namespace: dict | None = None, overrides: dict | None = None):
     """The run config inside a notebook (its parameters cell's values), with the working directory moved to the
-    repository root: run folders (data/<run>/) are the ones `make book` writes, wherever the kernel started."""
+    repository root: run folders (data/<run>/) are the ones `make book` writes, wherever the kernel started.
+    Every page then states the lambda, top-K and seeds of the models it shows, and says so when a model or an
+    evaluation stored in the run was made under other parameters than the page's (``disagreements``)."""
     from . import config
 
     if (REPO / "notebooks").is_dir():  # an installed copy outside the repository keeps the working directory
         os.chdir(REPO)
-    return config.notebook_config(preset, run, namespace, overrides)
+    cfg = config.notebook_config(preset, run, namespace, overrides)
+    try:
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover - notebooks always have IPython
+        return cfg
+    display(Markdown(page_note(cfg)))
+    return cfg
+
+
+def models_line(cfg) -> str:
+    """The settings that tell this page's models apart: lambda, top-K and the fine-tuning seeds."""
+    return (f"*Models on this page: ReFineVLA arms trained with lambda_reason = {cfg.refinevla.lambda_reason}, "
+            f"LoRA on the top K = {cfg.model.tune_top_k_layers} layers, fine-tuning seeds "
+            f"{list(cfg.study.seeds)}.*")
+
+
+def disagreements(cfg) -> list[str]:
+    """One line per fine-tune or evaluation stored in the run whose key is not the one ``cfg`` gives (made under
+    other parameters), naming up to three keys that differ; stages not made yet are not listed."""
+    from . import markers, pipeline
+
+    out = []
+    for arm, seed in pipeline.evaluated_units(cfg):
+        stages = [pipeline.model_key(cfg, arm, seed)] if arm != pipeline.ORACLE else []
+        stages.append((pipeline.evaluate_dir(cfg, arm, seed), pipeline.evaluate_key(cfg, arm, seed)))
+        for folder, expected in stages:
+            marker = markers.read_marker(folder) if folder is not None else None
+            if marker is None or marker.get("hash") == expected or any(str(folder) in o for o in out):
+                continue
+            diff = markers._config_diff(cfg, Path(folder) / "config.yaml", pipeline.MODEL_SECTIONS + ("evaluate",))
+            why = f"other parameters ({'; '.join(diff)})" if diff else "another key (other code or inputs)"
+            out.append(f"{folder} was made under {why}")
+    return out
+
+
+def page_note(cfg) -> str:
+    """The note at the top of every page: its models' settings, and any stored result made under others."""
+    found = disagreements(cfg)
+    if not found:
+        return models_line(cfg)
+    return (models_line(cfg) + "\n\n**Warning: this page's parameters disagree with the run's stored results**: "
+            + "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+            + ". Numbers read from those folders were not made with the settings above.")
 
 
 def ensure_kernel(prefix: str | None = None) -> str:
@@ -139,6 +183,8 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
         if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
             print(f"{name}: unchanged since its last successful run, not re-run")
             continue
+        if not NOTEBOOK_OUTPUTS.get(name):  # a page that only reads: it must not show results of other settings
+            refuse_disagreeing(name, preset, run, params, root)
         key_file.unlink(missing_ok=True)
         print(f"{name}: running")
         try:
@@ -153,6 +199,21 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
         # the key after the run: its own stages' markers are now the ones its pages show
         key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
     return out_dir
+
+
+def refuse_disagreeing(name: str, preset: str, run: str, params: dict, root: str = "data") -> None:
+    """A page that runs no stage (00_overview, 06_results) is not built from results whose stored config disagrees
+    with the parameters given: NotebookFailed, one line naming the folder, the keys and the fix."""
+    from . import config
+
+    namespace = {k: v for k, v in params.items() if k != "overrides"}
+    cfg = config.notebook_config(preset, run, namespace, params.get("overrides"))
+    cfg.root = str(REPO / root)
+    found = disagreements(cfg)
+    if found:
+        raise NotebookFailed(f"{name}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+                             + "; run the stage notebooks with these parameters first (refinevla book without "
+                               "--only), or build with the run's own parameters")
 
 
 def scrub_secrets(path: Path) -> None:

@@ -313,3 +313,24 @@ def test_each_command_lists_the_keys_it_reads(capsys, command, key, absent):
     described = {k: (d, t) for k, d, t in config.describe_keys()}
     default, text = described[key]
     assert f"{key} = {default!r}" in out and " ".join(text.split()[:4]) in " ".join(out.split())
+
+
+# ------------------------------------------------------------------------------ pages and stored configs (#33)
+def test_a_page_names_its_models_settings_and_says_when_the_stored_run_disagrees(tmp_path, stand_ins):
+    from refinevla import book
+
+    cfg = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1})
+    pipeline.run_all(cfg)
+    note = book.page_note(cfg)
+    assert "lambda_reason = 0.1" in note and "top K = 1" in note and "seeds [0, 1]" in note
+    assert "disagree" not in note
+    other = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.25})
+    note = book.page_note(other)
+    assert "lambda_reason = 0.25" in note and "disagree with the run's stored results" in note
+    assert "refinevla.lambda_reason: 0.1 there, 0.25 now" in note
+    params = {"lambda_reason": 0.25, "overrides": {"study.parallel_finetunes": 1}}
+    with pytest.raises(book.NotebookFailed, match=r"00_overview: .*train/refinevla/seed0 was made under other "
+                                                  r"parameters \(refinevla.lambda_reason: 0.1 there, 0.25 now\)"):
+        book.refuse_disagreeing("00_overview", "smoke", "lam", params, root=str(tmp_path / "data"))
+    book.refuse_disagreeing("00_overview", "smoke", "lam", {"lambda_reason": 0.1, "overrides": params["overrides"]},
+                            root=str(tmp_path / "data"))
