@@ -52,8 +52,10 @@ def base_probe_table(manifest: dict) -> pd.DataFrame:
     """The base's held-out grounding probe after each pre-training stage: one row per stage (numbers as shares and
     cm; report.tidy reads them)."""
     rows = {}
-    for key, label in PROBE_STAGES.items():
-        p = manifest.get("probe", {}).get(key)
+    stages = [(manifest.get("probe", {}).get(k), label) for k, label in PROBE_STAGES.items()]
+    stages += [(manifest.get("probe_variant", {}).get(k), f"{label}, variant scenes") for k, label in
+               PROBE_STAGES.items()]
+    for p, label in stages:
         if p is None:
             continue
         mae = list(p.get("mae_cm", [math.nan] * 3)) + [math.nan] * 3
@@ -92,11 +94,13 @@ def base_recipe_table(manifest: dict) -> pd.DataFrame:
             "result": f"final action loss {fmt(last('vla').get('l_action'))}, grounding loss "
                       f"{fmt(last('vla').get('l_reason'))}"},
     }
-    if s:
+    for s in manifest.get("closed_loop_splits") or ([s] if s else []):
         lo, hi = (list(s.get("ci95", [])) + [math.nan, math.nan])[:2]
-        rows["base closed loop"] = {
-            "data": f"{', '.join(s.get('tasks', []))}, {str(s.get('split', '')).replace('_', ' ')}, seeds "
-                    f"{span('evaluation')}",
+        split = str(s.get("split", "")).replace("_", " ")
+        seeds_of = s.get("seeds") or []
+        rows[f"base closed loop, {split}"] = {
+            "data": f"{', '.join(s.get('tasks', []))}, {split}, seeds "
+                    f"{'-'.join(str(x) for x in seeds_of[:1] + seeds_of[-1:])}",
             "steps": None, "batch": None, "peak lr": "", "minutes": minutes("evaluate_s"),
             "result": f"{s.get('successes')}/{s.get('episodes')} successes (95% interval "
                       f"{100 * lo:.0f}-{100 * hi:.0f}%)"}

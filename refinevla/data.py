@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .lerobot import load_lerobot
+from .scenes import randomized
 from .schema import BASE_COLUMNS, require_columns, row_features
 
 EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "objects")
@@ -42,22 +43,25 @@ def data_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
 _TASK_CACHE: dict = {}
 
 
-def _sim_task(task: str, image_size: int, camera: str = "", masks: bool = True):
-    """One robosuite env per (task, size, camera, masks) per worker process: creating it costs more than an episode."""
+def _sim_task(task: str, image_size: int, camera: str = "", masks: bool = True, split: str = "in_distribution"):
+    """One robosuite env per (task, size, camera, masks, split) per worker process: creating it costs more than an
+    episode."""
     from .sim import make_task
 
-    key = (task, image_size, camera, masks)
+    key = (task, image_size, camera, masks, split)
     if key not in _TASK_CACHE:
-        _TASK_CACHE[key] = make_task(task, image_size=image_size, segmentation=masks, camera=camera)
+        _TASK_CACHE[key] = make_task(task, image_size=image_size, segmentation=masks, camera=camera, split=split)
     return _TASK_CACHE[key]
 
 
-def record_episode(task: str, seed: int, image_size: int, camera: str = "", masks: bool = True) -> tuple[dict, bool]:
+def record_episode(task: str, seed: int, image_size: int, camera: str = "", masks: bool = True,
+                   split: str = "in_distribution") -> tuple[dict, bool]:
     """Run the scripted expert once; every frame with the action taken on it and the expert's phase.
-    ``masks``: also render the target's segmentation mask per frame (the attention stage reads it)."""
+    ``masks``: also render the target's segmentation mask per frame (the attention stage reads it); ``split``
+    "variant": the scene's textures, lighting and camera are drawn from ``seed`` (refinevla.scenes)."""
     from .experts import make_expert
 
-    sim = _sim_task(task, image_size, camera, masks)
+    sim = _sim_task(task, image_size, camera, masks, split)
     expert = make_expert(task, seed=seed)
     obs = sim.reset(seed)
     expert.reset(obs["instruction"])
@@ -79,8 +83,8 @@ def record_episode(task: str, seed: int, image_size: int, camera: str = "", mask
     return arrays, success
 
 
-def _episode_path(episodes_dir: Path, task: str, seed: int) -> Path:
-    return episodes_dir / f"{task}_{seed:06d}.npz"
+def _episode_path(episodes_dir: Path, task: str, seed: int, split: str = "in_distribution") -> Path:
+    return episodes_dir / f"{task}_{seed:06d}{'_variant' if split == 'variant' else ''}.npz"
 
 
 def _write_npz(path: Path, arrays: dict) -> None:
@@ -91,9 +95,9 @@ def _write_npz(path: Path, arrays: dict) -> None:
 
 def _demo_job(job: tuple) -> dict:
     """Worker entry: record one episode and save it; returns its summary line."""
-    task, seed, image_size, path, camera, masks = job
+    task, seed, image_size, path, camera, masks, split = job
     t0 = time.time()
-    arrays, success = record_episode(task, seed, image_size, camera, masks)
+    arrays, success = record_episode(task, seed, image_size, camera, masks, split)
     arrays["success"] = np.asarray(success)
     _write_npz(Path(path), arrays)
     return dict(task=task, seed=seed, success=bool(success), steps=len(arrays["actions"]), wall_s=time.time() - t0)
@@ -114,8 +118,11 @@ def generate_demos(cfg, out_dir: str | Path, pretrain: bool = False):
     episodes_dir.mkdir(parents=True, exist_ok=True)
     counts = dict(cfg.pretrain_mix) if pretrain else {task: cfg.episodes_per_task for task in cfg.tasks}
     offset = PRETRAIN_SEED_OFFSET if pretrain else 0
-    jobs = [(task, seed, cfg.image_size, str(_episode_path(episodes_dir, task, seed)), cfg.camera, not pretrain)
-            for task, n in counts.items() for seed in data_seeds(cfg.seed, n, offset)]
+    share = cfg.pretrain_variant_share if pretrain else 0.0  # the mixture may show randomized scenes, never the target
+    jobs = [(task, seed, cfg.image_size, str(_episode_path(episodes_dir, task, seed, split)), cfg.camera,
+             not pretrain, split)
+            for task, n in counts.items() for i, seed in enumerate(data_seeds(cfg.seed, n, offset))
+            for split in ["variant" if randomized(i, share) else "in_distribution"]]
     todo = [j for j in jobs if not Path(j[3]).exists()]
     print(f"{len(jobs)} episodes ({len(jobs) - len(todo)} already recorded), {cfg.workers} worker(s)")
     if todo:

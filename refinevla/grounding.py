@@ -27,6 +27,7 @@ import re
 import numpy as np
 from tqdm import tqdm
 
+from .scenes import randomized
 from .teacher.privileged import AXIS_WORDS, MAX_CM, describe_offset
 
 #: grounding frames: seeds SEED_OFFSET + i (training), PROBE_SEED_OFFSET + i (the held-out probe); below 50_000
@@ -68,18 +69,23 @@ def perturbed_frame(sim, seed: int, arm_noise: float) -> dict:
 
 
 def render_frames(tasks, seeds, image_size: int = 64, camera: str = "", arm_noise: float = 0.1,
-                  desc: str = "grounding frames", split: str = "in_distribution") -> list[dict]:
+                  desc: str = "grounding frames", split: str = "in_distribution",
+                  variant_share: float = 0.0) -> list[dict]:
     """Frame i: task ``tasks[i % len(tasks)]``, scene ``seeds[i]`` (perturbed_frame); deterministic per seed.
     ``split`` "variant" shows each frame in the variant scene its seed draws (textures, lighting, camera:
-    refinevla.scenes), as the evaluation's variant split does."""
+    refinevla.scenes), as the evaluation's variant split does; ``variant_share`` shows that share of the seeds
+    (``scenes.randomized``) so and the others in the default scene (the base's pre-training: scenes of many looks)."""
     from .sim import make_task
 
-    sims = {task: make_task(task, image_size=image_size, segmentation=False, camera=camera, split=split)
-            for task in tasks}
+    sims = {}
     frames = []
     for i, seed in enumerate(tqdm(seeds, desc=desc, mininterval=1.0)):
         task = tasks[i % len(tasks)]
-        frames.append(dict(perturbed_frame(sims[task], seed, arm_noise), task=task, seed=int(seed)))
+        scene = "variant" if split == "variant" or randomized(int(seed), variant_share) else "in_distribution"
+        if (task, scene) not in sims:
+            sims[task, scene] = make_task(task, image_size=image_size, segmentation=False, camera=camera, split=scene)
+        frames.append(dict(perturbed_frame(sims[task, scene], seed, arm_noise), task=task, seed=int(seed),
+                           split=scene))
     for sim in sims.values():
         sim.close()
     return frames

@@ -85,21 +85,27 @@ def recipe_tasks(cfg) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ frames
-def _frames(cfg, out: Path, probe: bool) -> list[dict]:
-    """The rendered grounding frames of one split, cached in out (resumable: written whole, once)."""
+def _frames(cfg, out: Path, which: str) -> list[dict]:
+    """The rendered grounding frames of one set, cached in out (resumable: written whole, once): "train" (a share
+    grounding.variant_share of them in randomized scenes), "probe" (held out, default scenes) or "probe_variant"
+    (the same held-out seeds in the variant scenes they draw, as the evaluation's variant split)."""
     from .grounding import frame_seeds, render_frames
     from .markers import stage_key
 
     g = cfg.grounding
+    probe = which != "train"
     n = g.probe_frames if probe else g.frames
-    key = stage_key([g.tasks, n, g.arm_noise, cfg.data.image_size, cfg.data.camera, probe], code="data")
-    path = out / f"{'probe' if probe else 'train'}-{key[:12]}.npz"
+    share = 0.0 if probe else g.variant_share
+    split = "variant" if which == "probe_variant" else "in_distribution"
+    key = stage_key([g.tasks, n, g.arm_noise, cfg.data.image_size, cfg.data.camera, probe, share, split],
+                    code="data")
+    path = out / f"{which}-{key[:12]}.npz"
     if path.exists():
         z = np.load(path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
         return [dict(m, image=z["images"][i], state=z["states"][i]) for i, m in enumerate(meta)]
     frames = render_frames(list(g.tasks), frame_seeds(n, probe), cfg.data.image_size, cfg.data.camera, g.arm_noise,
-                           desc=f"grounding frames ({'probe' if probe else 'train'})")
+                           desc=f"grounding frames ({which})", split=split, variant_share=share)
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     meta = [{k: v for k, v in f.items() if k not in ("image", "state")} for f in frames]
@@ -119,7 +125,7 @@ def _stage_keys(cfg) -> dict:
     model = [cfg.model.size, cfg.model.action_chunk, cfg.model.attn_implementation]
     vlm = stage_key([model, cfg.vlm, g, cfg.data.image_size, cfg.data.camera, _pretrain_data_key(cfg)], code="base")
     vla = stage_key([vlm, cfg.pretrain], code="base")
-    return dict(vlm=vlm, vla=vla, evaluate=stage_key([vla, cfg.evaluate, cfg.grounding.eval_split], code="evaluate"))
+    return dict(vlm=vlm, vla=vla, evaluate=stage_key([vla, cfg.evaluate, cfg.grounding.eval_splits], code="evaluate"))
 
 
 def run_base(cfg, force=()) -> Path:
@@ -151,12 +157,15 @@ def run_base(cfg, force=()) -> Path:
     timings["demonstrations_s"] = round(time.time() - t, 1)
 
     t = time.time()
-    train_frames = _frames(cfg, work / "frames", probe=False)
-    probe_frames = _frames(cfg, work / "frames", probe=True)
+    train_frames = _frames(cfg, work / "frames", "train")
+    probe_frames = _frames(cfg, work / "frames", "probe")
+    variant_rows = grounding_rows(_frames(cfg, work / "frames", "probe_variant"), g.min_pixels)
     timings["frames_s"] = round(time.time() - t, 1)
     train_rows, probe_rows = grounding_rows(train_frames, g.min_pixels), grounding_rows(probe_frames, g.min_pixels)
-    print(f"grounding: {len(train_frames)} frames -> {len(train_rows)} questions (train), "
-          f"{len(probe_frames)} -> {len(probe_rows)} (probe)")
+    print(f"grounding: {len(train_frames)} frames -> {len(train_rows)} questions (train, "
+          f"{sum(f['split'] == 'variant' for f in train_frames)} frames in randomized scenes), "
+          f"{len(probe_frames)} -> {len(probe_rows)} (probe), {len(variant_rows)} (probe, variant scenes)")
+    probes = lambda model: {"in_distribution": probe(model, tok, probe_rows), "variant": probe(model, tok, variant_rows)}
     tok = base_tokenizer(recipe_tasks(cfg), *_stats_from(demos), action_chunk=cfg.model.action_chunk)
 
     # stage (a): VLM pre-training on referring expressions
@@ -174,7 +183,7 @@ def run_base(cfg, force=()) -> Path:
         held = encode_rows(probe_rows, tok, n_image)
         last = train_loop(model, encode_rows(train_rows, tok, n_image), cfg.vlm, vlm_dir, heldout=held)
         _save_model_dir(model, tok, vlm_dir / "model", dict(kind="base", stage="vlm", final_metrics=last))
-        (vlm_dir / "probe.json").write_text(json.dumps(probe(model, tok, probe_rows), indent=1))
+        (vlm_dir / "probe.json").write_text(json.dumps(probes(model), indent=1))
         mark_done(vlm_dir, keys["vlm"], cfg, t)
     timings["stage_a_s"] = round(time.time() - t, 1)
 
@@ -194,35 +203,40 @@ def run_base(cfg, force=()) -> Path:
         meta = dict(kind="base", size=cfg.model.size, parameters=parameter_counts(model), final_metrics=last,
                     action_chunk=tok.action_chunk)
         _save_model_dir(model, tok, vla_dir / "model", meta)
-        (vla_dir / "probe.json").write_text(json.dumps(probe(model, tok, probe_rows), indent=1))
+        (vla_dir / "probe.json").write_text(json.dumps(probes(model), indent=1))
         mark_done(vla_dir, keys["vla"], cfg, t, action_rows=actions["n_rows"],
                   grounding_rows=len(train_rows) + len(demo_rows))
     timings["stage_b_s"] = round(time.time() - t, 1)
 
+    t = time.time()
     success = _evaluate_base(cfg, vla_dir / "model", work / "evaluate", keys["evaluate"], forced)
-    timings["evaluate_s"] = success.pop("wall_s")
+    timings["evaluate_s"] = round(time.time() - t, 1)
     return write_release(cfg, work, train_rows, len(probe_rows), success, timings)
 
 
-def _evaluate_base(cfg, model_dir: Path, out: Path, key: str, forced: bool) -> dict:
-    """The base's own closed-loop success on one split (resumable per episode)."""
+def _evaluate_base(cfg, model_dir: Path, out: Path, key: str, forced: bool) -> list[dict]:
+    """The base's own closed-loop success on each split of grounding.eval_splits (resumable per episode): one dict
+    per split."""
     from . import markers
     from .evaluate import evaluate, read_records
     from .pipeline import policy_factory
     from .stats import wilson
 
-    ev = dataclasses.replace(cfg.evaluate, splits=(cfg.grounding.eval_split,), reasoning=False, videos=False)
+    ev = dataclasses.replace(cfg.evaluate, splits=tuple(cfg.grounding.eval_splits), reasoning=False, videos=False)
     t = time.time()
     if not markers.ready(cfg.run_dir, out, key, forced, "base: closed-loop evaluation"):
         markers.start_stage(out, key, partial=("episodes.jsonl",), fresh=forced)
         evaluate(policy_factory(model_dir, reasoning=False), ev, out)
         markers.mark_done(out, key, cfg, t)
     records = read_records(out / "episodes.jsonl")
-    k, n = sum(bool(r["success"]) for r in records), len(records)
-    low, high = wilson(k, n)
-    return dict(split=cfg.grounding.eval_split, tasks=list(ev.tasks), successes=k, episodes=n,
-                seeds=sorted({int(r["seed"]) for r in records}), ci95=[round(low, 3), round(high, 3)],
-                wall_s=round(time.time() - t, 1))
+    out_rows = []
+    for split in ev.splits:
+        rows = [r for r in records if r.get("split", "in_distribution") == split]
+        k, n = sum(bool(r["success"]) for r in rows), len(rows)
+        low, high = wilson(k, n)
+        out_rows.append(dict(split=split, tasks=list(ev.tasks), successes=k, episodes=n,
+                             seeds=sorted({int(r["seed"]) for r in rows}), ci95=[round(low, 3), round(high, 3)]))
+    return out_rows
 
 
 
@@ -256,7 +270,8 @@ def check_recipe(path, cfg, out_dir) -> tuple[list[dict], list[dict]]:
     tasks = list(cfg.grounding.tasks)
     seeds = sorted({table[i][0] for i in needed})
     frames = render_frames([tasks[(s - SEED_OFFSET) % len(tasks)] for s in seeds], seeds, cfg.data.image_size,
-                           cfg.data.camera, cfg.grounding.arm_noise, desc="frames of the first batches")
+                           cfg.data.camera, cfg.grounding.arm_noise, desc="frames of the first batches",
+                           variant_share=cfg.grounding.variant_share)
     by_key = {(r["seed"], r["name"]): r for r in grounding_rows(frames, cfg.grounding.min_pixels)}
     missing = [table[i] for i in needed if (table[i][0], table[i][1]) not in by_key]
     if missing:

@@ -101,8 +101,12 @@ def _curve(path: Path, every: int = 1) -> list[dict]:
             for i, m in enumerate(lines) if i % every == 0 or i == len(lines) - 1]
 
 
-def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, success: dict, timings: dict) -> Path:
-    """Assemble the release folder from the finished stages (written to a temporary folder, then renamed)."""
+def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, success: list[dict],
+                  timings: dict) -> Path:
+    """Assemble the release folder from the finished stages (written to a temporary folder, then renamed).
+    ``success``: the base's closed loop, one dict per split (the first is ``closed_loop``, all ``closed_loop_splits``).
+    The probe of each stage is ``probe`` (held-out frames, default scenes) and ``probe_variant`` (the same seeds in
+    the variant scenes they draw)."""
     import torch
     import transformers
 
@@ -114,6 +118,8 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / "vla" / "model", tmp)
     probes = {s: json.loads((work / d / "probe.json").read_text()) for s, d in (("a", "vlm"), ("b", "vla"))}
+    variant = {s: p["variant"] for s, p in probes.items() if "variant" in p}
+    probes = {s: p.get("in_distribution", p) for s, p in probes.items()}
     marker = json.loads((work / "vla" / "_done.json").read_text())
     params = json.loads((tmp / "vla.json").read_text())["parameters"]
     manifest = dict(
@@ -124,10 +130,12 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
         seeds=dict(grounding_train=[SEED_OFFSET, SEED_OFFSET + cfg.grounding.frames - 1],
                    grounding_probe=[PROBE_SEED_OFFSET, PROBE_SEED_OFFSET + cfg.grounding.probe_frames - 1],
                    pretrain_mix=dict(cfg.data.pretrain_mix), vocabulary=[VOCAB_SEEDS.start, VOCAB_SEEDS.stop - 1],
-                   evaluation=success["seeds"]),
+                   pretrain_variant_share=cfg.data.pretrain_variant_share,
+                   grounding_variant_share=cfg.grounding.variant_share,
+                   evaluation={r["split"]: r["seeds"] for r in success}),
         data=dict(grounding_rows=len(train_rows), probe_rows=n_probe_rows, action_rows=marker.get("action_rows"),
                   stage_b_grounding_rows=marker.get("grounding_rows")),
-        probe=probes, closed_loop=success, timings_s=dict(timings, total=round(sum(timings.values()), 1)),
+        probe=probes, probe_variant=variant, closed_loop=success[0], closed_loop_splits=success, timings_s=dict(timings, total=round(sum(timings.values()), 1)),
         losses=dict(vlm=_curve(work / "vlm" / "metrics.jsonl", 10), vla=_curve(work / "vla" / "metrics.jsonl", 10)),
         #: what tests/test_release.py re-runs: stage (a)'s first logged steps, and which rows they trained on
         reproduce=dict(first_metrics=_first_metrics(work / "vlm" / "metrics.jsonl", 2),
@@ -150,9 +158,20 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
 def model_card(m: dict) -> str:
     """README.md of the release: what it is, how it was made, what it can do (numbers from the manifest)."""
     r, s, t = m["recipe"]["preset_sections"], m["closed_loop"], m["timings_s"]
-    pa, pb = m["probe"]["a"], m["probe"]["b"]
+    pa, pb, pv = m["probe"]["a"], m["probe"]["b"], m.get("probe_variant", {})
+    loops = m.get("closed_loop_splits") or [s]
+    loop_lines = "\n".join(f"- {x['split'].replace('_', ' ')} (seeds {x['seeds'][0] if x['seeds'] else '-'}-"
+                           f"{x['seeds'][-1] if x['seeds'] else '-'}): **{x['successes']}/{x['episodes']}** successes "
+                           f"(95% Wilson interval {x['ci95'][0]:.2f}-{x['ci95'][1]:.2f})" for x in loops)
+    share = r["data"].get("pretrain_variant_share", 0.0), r["grounding"].get("variant_share", 0.0)
+    scenes = (f"A share of the pre-training shows randomized scenes (textures, lighting and camera drawn from each "
+              f"frame's or episode's own seed, as the evaluation's variant split draws its scenes from other seeds): "
+              f"{share[1]:.0%} of the grounding frames and {share[0]:.0%} of the mixture's episodes. The fine-tuning "
+              f"set of the study shows the default scene only." if any(share) else
+              "Every pre-training frame shows the default scene.")
     row = lambda name, p: (f"| {name} | {p['n']} | {p['side_accuracy']:.3f} | {p['within_1cm']:.3f} | "
                            f"{p['exact']:.3f} | {' / '.join(f'{x:.2f}' for x in p['mae_cm'])} |")
+    variant_rows = "".join("\n" + row(f"stage ({k}), variant scenes", pv[k]) for k in ("a", "b") if k in pv)
     return f"""# {m['name']}: the refinevla tiny base
 
 A {m['architecture']} vision-language-action model, {m['parameters']['total']:,} parameters, pre-trained on
@@ -162,6 +181,8 @@ mixed in. It plays the role SpatialVLA plays in the paper: the pre-trained VLA t
 (`model.checkpoint: models/tiny-base` in the default preset). Made by `make base`; every number below comes from
 that run ({m['created']}, {m['environment']['machine']}, torch {m['environment']['torch']},
 {m['environment']['threads']} thread).
+
+{scenes}
 
 ## Recipe
 | stage | data | steps | batch | peak lr | schedule |
@@ -182,12 +203,11 @@ to a side); within 1 cm: every axis; mean absolute error per axis (x ahead, y le
 | after | questions | side accuracy | within 1 cm | exact | MAE x / y / z (cm) |
 |---|---|---|---|---|---|
 {row('stage (a)', pa)}
-{row('stage (b)', pb)}
+{row('stage (b)', pb)}{variant_rows}
 
 ## Closed loop
-The base acting alone (no fine-tuning) on {', '.join(s['tasks'])}, split {s['split']}, seeds
-{s['seeds'][0] if s['seeds'] else '-'}-{s['seeds'][-1] if s['seeds'] else '-'}: **{s['successes']}/{s['episodes']}**
-successes (95% Wilson interval {s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}).
+The base acting alone (no fine-tuning) on {', '.join(s['tasks'])}, on the study's evaluation seeds:
+{loop_lines}
 
 ## Files
 `model.safetensors` + `config.json` (transformers' PaliGemmaForConditionalGeneration), the word-level tokenizer
@@ -196,6 +216,6 @@ config, seeds, losses every 10th logged line, the probe, the sha256 of every fil
 checks them; `tests/test_release.py` re-runs the first steps of stage (a) and compares them bit for bit.
 
 ## Limits
-Trained on robosuite scenes of three tasks seen through the wrist camera at 64 px; it knows those objects' names and
+Trained on robosuite scenes of the grounding and mixture tasks seen through the wrist camera at 64 px; it knows those objects' names and
 the teacher's words, nothing else. Bit-exact reproduction holds for the same library versions and one torch thread.
 """

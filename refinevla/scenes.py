@@ -41,6 +41,13 @@ _DESCRIPTIONS = {
 }
 
 
+def randomized(i: int, share: float) -> bool:
+    """Whether item ``i`` of a sequence is shown in a randomized scene, for a deterministic ``share`` of the items
+    spread evenly (0.5: every second one). The pre-training of the tiny base uses it (frames and episodes on their
+    own seeds, so never an evaluation scene)."""
+    return int((i + 1) * share) > int(i * share)
+
+
 def _check(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed splits: {list(SPLITS)}")

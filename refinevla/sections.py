@@ -71,6 +71,10 @@ class DataConfig(_Checked):
         help="the pre-training mixture {task: episodes} (robosuite only; its own seeds, never a fine-tuning one): "
              "the role Open X-Embodiment plays for the paper's base", ge=0, le=EPISODES_PER_SEED,
         factory=lambda: {"pick_cube": 120, "lift": 40, "stack": 20})
+    pretrain_variant_share: float = opt(
+        0.0, "share of the pre-training mixture's episodes recorded in randomized scenes (textures, lighting, camera "
+             "drawn from the episode's own seed, as refinevla.scenes draws the variant split); the fine-tuning set "
+             "always shows the default scene", ge=0.0, le=1.0)
     heldout_every: int = opt(10, "every k-th fine-tuning episode is held out of training (held-out loss); 0: none",
                              ge=0)
     image_size: int = opt(64, "camera image side in pixels", ge=8)
@@ -336,11 +340,14 @@ class GroundingConfig(_Checked):
                            factory=lambda: ["pick_cube", "lift", "stack"])
     arm_noise: float = opt(0.1, "std of the Gaussian moves of the arm's joints (radians)", ge=0.0, le=1.0)
     min_pixels: int = opt(4, "an object with fewer visible pixels in a frame is not asked about", ge=0)
+    variant_share: float = opt(0.0, "share of the training frames shown in randomized scenes (textures, lighting, "
+                                    "camera drawn from the frame's own seed; refinevla.scenes)", ge=0.0, le=1.0)
     demo_every: int = opt(2, "stage (b): grounding rows from every k-th frame of the mixture's demonstrations too "
                              "(0: none)", ge=0)
     release_dir: str = opt("models/tiny-base", "the released folder (relative: to the repository root)")
-    eval_split: str = opt("in_distribution", "the split of the base's own closed-loop success in its model card",
-                          choices=("in_distribution", "variant"))
+    eval_splits: list[str] = opt(help="the splits of the base's own closed-loop success in its model card "
+                                      "(evaluate.episodes_per_task each)",
+                                 factory=lambda: ["in_distribution", "variant"])
 
 
 @dataclass

@@ -142,4 +142,8 @@ def test_a_small_recipe_releases_a_base_and_resumes_after_kill(tmp_path):
     steps = [json.loads(x)["step"] for x in (vlm / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
     assert manifest["probe"]["a"]["n"] > 0 and manifest["closed_loop"]["episodes"] == 1
+    assert [r["split"] for r in manifest["closed_loop_splits"]] == ["in_distribution", "variant"]
+    assert manifest["probe_variant"]["b"]["n"] > 0  # the held-out probe in variant scenes too
+    episodes = sorted(p.name for p in (tmp_path / "data" / "base" / "base" / "demos" / "episodes").glob("*.npz"))
+    assert any(p.endswith("_variant.npz") for p in episodes) and any(not p.endswith("_variant.npz") for p in episodes)
     assert "## Grounding probe" in (out / "README.md").read_text()

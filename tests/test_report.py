@@ -263,7 +263,7 @@ def test_base_probe_table_one_row_per_stage():
 
 def test_base_recipe_table_two_stages_and_the_base_closed_loop():
     table = report.base_recipe_table(manifest_literal())
-    assert list(table.index) == ["stage (a) VLM", "stage (b) VLA", "base closed loop"]
+    assert list(table.index) == ["stage (a) VLM", "stage (b) VLA", "base closed loop, in distribution"]
     a, b, loop = (table.loc[k] for k in table.index)
     assert a["steps"] == 12 and a["batch"] == 32 and a["minutes"] == 3.0 and "46 grounding questions" in a["data"]
     assert "seeds 40000-40029" in a["data"] and "6.539" in a["result"]
@@ -271,6 +271,16 @@ def test_base_recipe_table_two_stages_and_the_base_closed_loop():
     assert "243 action frames of 4 expert episodes (pick_cube 2, lift 1, stack 1) + 250" in b["data"]
     assert "action loss 6.116" in b["result"] and "grounding loss 6.510" in b["result"]
     assert loop["result"] == "1/2 successes (95% interval 10-90%)" and "seeds 12000-12001" in loop["data"]
+    # a release evaluated on both splits: one closed-loop row each, and the probe in variant scenes
+    both = dict(manifest_literal(), closed_loop_splits=[
+        manifest_literal()["closed_loop"], dict(split="variant", tasks=["pick_cube"], successes=0, episodes=2,
+                                                seeds=[22000, 22001], ci95=[0.0, 0.658])],
+        probe_variant={"b": manifest_literal()["probe"]["b"]})
+    table = report.base_recipe_table(both)
+    assert list(table.index)[2:] == ["base closed loop, in distribution", "base closed loop, variant"]
+    assert table.loc["base closed loop, variant", "result"].startswith("0/2") and \
+        "seeds 22000-22001" in table.loc["base closed loop, variant", "data"]
+    assert list(report.base_probe_table(both).index)[-1] == "after stage (b) VLA, variant scenes"
 
 
 def test_grounding_table_reads_the_attention_stage_probe(tmp_path):
