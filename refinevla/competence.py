@@ -3,8 +3,8 @@ live here so that report.py stays readable at one sitting).
 
 Every number comes from a run's files: the base's model card (``manifest.json`` of a released base,
 refinevla.release), the attention stage's grounding probe (``attention/grounding.csv``) and the evaluation's
-success table (``evaluate/success.csv``, stats.success_table). The competence bar (issue "A pre-trained tiny VLA
-that sees"): the base names the side of the object and its position within 1 cm on held-out frames in at least 95%
+success table (``evaluate/success.csv``, stats.success_table). The competence bar (book/limitations.md,
+"Competence comes first"): the base names the side of the object and its position within 1 cm on held-out frames in at least 95%
 of its answers; the fine-tuned baseline succeeds in at least 60% of in-distribution episodes and in 15-85% of
 variant episodes (room for a difference either way). "met" reads the point estimate, as report.conclusion does.
 """
