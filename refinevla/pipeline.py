@@ -453,6 +453,22 @@ def _rationale_check(cfg: RunConfig, model_dir: Path, out: Path) -> None:
                                                                                        index=False)
 
 
+def _probed_arms(cfg: RunConfig) -> list[tuple[str, int]]:
+    """The fine-tunes the attention stage's grounding probe reads: every seed of the main arms."""
+    return [(v, s) for v, s in trained_arms(cfg) if v in VARIANTS]
+
+
+def attention_key(cfg: RunConfig) -> str:
+    """The attention stage's key: its config, the frames and splits of its probe, the base (a release by its
+    digest, or this run's pre-training) and the fine-tunes it reads."""
+    inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, s) for v, s in _probed_arms(cfg)]
+    base = [_checkpoint_id(cfg)] if cfg.model.checkpoint else []
+    if not cfg.model.checkpoint:
+        inputs.append(cfg.stage_dir("train", "pretrain"))
+    return stage_key([cfg.attention, cfg.data.image_size, cfg.data.camera, cfg.evaluate.splits] + base, inputs,
+                     code="attention")
+
+
 def run_attention(cfg: RunConfig, force=()):
     """Attention maps and the attention-on-target score, baseline vs ReFineVLA (first seed) -> attention/; then the
     grounding probe ("where is the red cube" on held-out frames, refinevla.grounding) of the base and of every
@@ -468,13 +484,8 @@ def run_attention(cfg: RunConfig, force=()):
         return None
     forced, entered = _forced(force, "attention"), time.time()
     out, seed = cfg.stage_dir("attention"), cfg.study.seeds[0]
-    probed = [(v, s) for v, s in trained_arms(cfg) if v in VARIANTS]  # the grounding probe: every main fine-tune
-    inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, s) for v, s in probed]
-    base = [_checkpoint_id(cfg)] if cfg.model.checkpoint else []
-    if not cfg.model.checkpoint:
-        inputs.append(cfg.stage_dir("train", "pretrain"))
-    key = stage_key([cfg.attention, cfg.data.image_size, cfg.data.camera, cfg.evaluate.splits] + base, inputs,
-                    code="attention")
+    probed = _probed_arms(cfg)
+    key = attention_key(cfg)
     require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), "attention", _fix(cfg, "annotate"),
                     ("data", "annotate"))
     trained_keys = {f"{v} seed {s}": _require_model(cfg, v, s, "attention") for v, s in probed}  # before "up to date"

@@ -54,7 +54,10 @@ def test_control_the_thread_count_torch_uses_changes_the_weights(one_thread, tmp
     assert pretrain_digest(tmp_path, "c", threads=2, env_threads=2) != one_thread
 
 
-@pytest.mark.parametrize("preset", ["default", "study"])
+@pytest.mark.parametrize("preset", ["default", "study", "base"])
 def test_embedded_presets_pin_the_thread_count_of_every_training_stage(preset):
     cfg = resolve(preset)
-    assert [cfg.pretrain.threads, cfg.baseline.threads, cfg.refinevla.threads] == [1, 1, 1]
+    # a preset that loads the released base trains only the fine-tunes; the base preset trains both stages of it
+    stages = (["vlm", "pretrain"] if preset == "base" else
+              ["baseline", "refinevla"] + ([] if cfg.model.checkpoint else ["pretrain"]))
+    assert [getattr(cfg, s).threads for s in stages] == [1] * len(stages), stages

@@ -108,9 +108,7 @@ def test_only_the_main_rank_writes_and_the_other_waits_for_it(tmp_path, group):
     cfg = smoke(tmp_path)
     from refinevla import pipeline
 
-    assert pipeline.is_done(cfg.stage_dir("attention"), pipeline.stage_key(
-        [cfg.attention], [cfg.stage_dir("annotate")] + [pipeline.train_dir(cfg, v, 0) for v in pipeline.VARIANTS],
-        code="attention"))
+    assert pipeline.is_done(cfg.stage_dir("attention"), pipeline.attention_key(cfg))
 
 
 def _hammer(path: str, n: int, tag: str) -> None:
