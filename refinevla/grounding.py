@@ -70,20 +70,23 @@ def perturbed_frame(sim, seed: int, arm_noise: float) -> dict:
 
 def render_frames(tasks, seeds, image_size: int = 64, camera: str = "", arm_noise: float = 0.1,
                   desc: str = "grounding frames", split: str = "in_distribution",
-                  variant_share: float = 0.0) -> list[dict]:
+                  variant_share: float = 0.0, order=None) -> list[dict]:
     """Frame i: task ``tasks[i % len(tasks)]``, scene ``seeds[i]`` (perturbed_frame); deterministic per seed.
     ``split`` "variant" shows each frame in the variant scene its seed draws (textures, lighting, camera:
     refinevla.scenes), as the evaluation's variant split does; ``variant_share`` shows that share of the seeds
     (``scenes.randomized``) so and the others in the default scene (the base's pre-training: scenes of many looks)."""
     from .sim import make_task
 
-    sims = {}
+    plan = [(tasks[i % len(tasks)], "variant" if split == "variant" or randomized(int(seed), variant_share)
+             else "in_distribution") for i, seed in enumerate(seeds)]
+    # every simulator is made before the first frame, in a fixed order: the last one made holds the GL context the
+    # renders use, so making one mid-way would change later pixels (the released base's frames were made so)
+    # (``order``: the tasks in the order their simulators are made; default: as they first appear in ``tasks``)
+    rank = {t: i for i, t in enumerate(dict.fromkeys(list(order or []) + list(tasks)))}
+    sims = {key: make_task(key[0], image_size=image_size, segmentation=False, camera=camera, split=key[1])
+            for key in sorted(dict.fromkeys(plan), key=lambda k: (k[1] == "variant", rank[k[0]]))}
     frames = []
-    for i, seed in enumerate(tqdm(seeds, desc=desc, mininterval=1.0)):
-        task = tasks[i % len(tasks)]
-        scene = "variant" if split == "variant" or randomized(int(seed), variant_share) else "in_distribution"
-        if (task, scene) not in sims:
-            sims[task, scene] = make_task(task, image_size=image_size, segmentation=False, camera=camera, split=scene)
+    for seed, (task, scene) in zip(tqdm(seeds, desc=desc, mininterval=1.0), plan):
         frames.append(dict(perturbed_frame(sims[task, scene], seed, arm_noise), task=task, seed=int(seed),
                            split=scene))
     for sim in sims.values():

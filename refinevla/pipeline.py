@@ -453,14 +453,12 @@ def _rationale_check(cfg: RunConfig, model_dir: Path, out: Path) -> None:
                                                                                        index=False)
 
 
-def _probed_arms(cfg: RunConfig) -> list[tuple[str, int]]:
-    """The fine-tunes the attention stage's grounding probe reads: every seed of the main arms."""
+def _probed_arms(cfg: RunConfig) -> list[tuple[str, int]]:  # the grounding probe reads every main fine-tune
     return [(v, s) for v, s in trained_arms(cfg) if v in VARIANTS]
 
 
 def attention_key(cfg: RunConfig) -> str:
-    """The attention stage's key: its config, the frames and splits of its probe, the base (a release by its
-    digest, or this run's pre-training) and the fine-tunes it reads."""
+    """The attention stage's key: its config and probe, the base (release digest or pre-training), its fine-tunes."""
     inputs = [cfg.stage_dir("annotate")] + [train_dir(cfg, v, s) for v, s in _probed_arms(cfg)]
     base = [_checkpoint_id(cfg)] if cfg.model.checkpoint else []
     if not cfg.model.checkpoint:

@@ -271,7 +271,7 @@ def check_recipe(path, cfg, out_dir) -> tuple[list[dict], list[dict]]:
     seeds = sorted({table[i][0] for i in needed})
     frames = render_frames([tasks[(s - SEED_OFFSET) % len(tasks)] for s in seeds], seeds, cfg.data.image_size,
                            cfg.data.camera, cfg.grounding.arm_noise, desc="frames of the first batches",
-                           variant_share=cfg.grounding.variant_share)
+                           variant_share=cfg.grounding.variant_share, order=tasks)
     by_key = {(r["seed"], r["name"]): r for r in grounding_rows(frames, cfg.grounding.min_pixels)}
     missing = [table[i] for i in needed if (table[i][0], table[i][1]) not in by_key]
     if missing:
