@@ -247,19 +247,15 @@ def load_init(init: str, size: str, tok_dir: str, seed: int = 0):
 # ------------------------------------------------------------------------------------------------ the two modes
 def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int = 24) -> dict:
     """Greedy answers of ``checkpoint`` to "where is the <object>" on ``rows`` (pairs), scored."""
+    from refinevla.grounding import answers as greedy_answers
     from refinevla.grounding import parse_offset, score, true_cm
-    from refinevla.policy import VLAPolicy, load_vla
+    from refinevla.policy import load_vla
 
     t0, c0 = time.time(), time.process_time()
     model, tok, meta = load_vla(here(checkpoint))
     short = copy.copy(tok)  # the answer ends at ACTION:; decode the fewest action tokens after it (7, not 7 x chunk)
     short.action_chunk = 1
-    policy = VLAPolicy(model, short, reasoning=True, max_rationale_tokens=max_tokens)
-    answers = []
-    for start in range(0, len(rows), batch):  # as grounding.probe, keeping each answer (the pairs need them)
-        part = rows[start:start + batch]
-        decoded = policy._decode_many([(r["image"], r["question"], r["state"], True, None) for r in part])
-        answers += [tok.decode_text(ids) for ids, _ in decoded]
+    answers = greedy_answers(model, short, rows, batch, max_tokens)  # each answer kept: the pairs need them
     overall = score(rows, answers)
 
     def subset(keep):

@@ -182,21 +182,26 @@ def true_cm(offset_m) -> np.ndarray:
     return np.sign(offset_m) * cm
 
 
-def probe(model, tok, rows, batch_size: int = 64, max_tokens: int = 24) -> dict:
-    """Greedy answers to each row's question -> {n, answered, side_accuracy (rows whose object is >= 1 cm left or
-    right of the gripper), side_rows, within_1cm (every axis within 1 cm), exact, mae_cm [x, y, z]}."""
+def answers(model, tok, rows, batch_size: int = 64, max_tokens: int = 24) -> list[str]:
+    """Greedy answers (text) to each row's question, in batches; the model is left in its training mode."""
     from .policy import VLAPolicy
 
     policy = VLAPolicy(model, tok, reasoning=True, max_rationale_tokens=max_tokens)
     was_training = model.training
     model.eval()
-    answers = []
+    out = []
     for start in tqdm(range(0, len(rows), batch_size), desc="grounding probe", leave=False):
         batch = rows[start:start + batch_size]
         decoded = policy._decode_many([(r["image"], r["question"], r["state"], True, None) for r in batch])
-        answers += [tok.decode_text(ids) for ids, _ in decoded]
+        out += [tok.decode_text(ids) for ids, _ in decoded]
     model.train(was_training)
-    return score(rows, answers)
+    return out
+
+
+def probe(model, tok, rows, batch_size: int = 64, max_tokens: int = 24) -> dict:
+    """Greedy answers to each row's question -> {n, answered, side_accuracy (rows whose object is >= 1 cm left or
+    right of the gripper), side_rows, within_1cm (every axis within 1 cm), exact, mae_cm [x, y, z]}."""
+    return score(rows, answers(model, tok, rows, batch_size, max_tokens))
 
 
 def score(rows, answers) -> dict:
