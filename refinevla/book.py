@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -64,10 +65,39 @@ NOTEBOOK_OUTPUTS = {
 PAGES_BEFORE = ["book/intro", "book/method", "book/paper"]
 PAGES_AFTER = ["book/data_sources", "book/simplerenv", "book/limitations", "book/references"]
 SECRET_HINTS = ("OPENAI_API_KEY", "GEMINI_API_KEY", "HF_TOKEN")
+#: The run's log file (data/<run>/refinevla.log): the command line appends a failure's traceback to it, and the
+#: notebooks' kernels write their own messages (Jupyter's warnings, a crash) there instead of the terminal.
+LOG = "refinevla.log"
+#: The command that runs each notebook's stage alone (the fix a failed notebook names); None: a page runs no stage.
+NOTEBOOK_COMMANDS = {"01_data": "data", "02_annotate": "annotate", "03_finetune": "train", "04_evaluate": "evaluate",
+                     "05_attention": "attention", "06_results": None, "00_overview": None}
 
 
 class NotebookFailed(RuntimeError):
-    pass
+    """A notebook stopped (an error in a cell, its kernel died or ran past the cell limit) or a page was refused.
+    The message is one line naming the notebook, the cause and the fix; ``details`` holds the notebook's own
+    traceback, which the command line keeps in the run's log (LOG) instead of printing it."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+def stage_failures() -> tuple[type, ...]:
+    """The runtime failures a stage raises with a one-line message naming the cause and the fix (a stale or damaged
+    input, damaged records, a damaged teacher cache, a teacher that gave up, an unreadable checkpoint, a bad config
+    value): the command line ends them in that line, from a stage or from inside a notebook."""
+    from .checkpoints import CheckpointError
+    from .fields import ConfigError
+    from .integrity import DamagedFileError
+    from .markers import StaleInputError
+    from .records import RecordsDamagedError
+    from .release import ReleaseError
+    from .teacher.cache import CacheError
+    from .teacher.online import TeacherError
+
+    return (StaleInputError, ReleaseError, DamagedFileError, RecordsDamagedError, CacheError, TeacherError,
+            CheckpointError, ConfigError)
 
 
 def open_run(preset: str, run: str = "", namespace: dict | None = None, overrides: dict | None = None):
@@ -163,8 +193,8 @@ def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = R
 def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | None = None,
                   force: bool = False, timeout_s: int = 3600, root: str = "data",
                   notebooks_dir: Path = REPO / "notebooks") -> Path:
-    """Execute each notebook into data/<run>/notebooks/; returns that folder."""
-    import papermill as pm
+    """Execute each notebook into <root>/<run>/notebooks/ (``root`` relative to the repository, or absolute);
+    returns that folder. The first failing notebook stops everything: NotebookFailed (``execute``)."""
     from tqdm import tqdm
 
     run = run or preset
@@ -174,31 +204,117 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"preset": preset, "run": run, **params}
     kernel = ensure_kernel()
-    for name in tqdm(only or NOTEBOOKS, desc="notebooks"):
-        if name not in NOTEBOOKS:
-            raise ValueError(f"unknown notebook {name!r}; known: {NOTEBOOKS}")
-        output = out_dir / f"{name}.ipynb"
-        key_file = out_dir / f".{name}.key"
-        key = notebook_key(name, parameters, run_dir, notebooks_dir)
-        if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
-            print(f"{name}: unchanged since its last successful run, not re-run")
-            continue
-        if not NOTEBOOK_OUTPUTS.get(name):  # a page that only reads: it must not show results of other settings
-            refuse_disagreeing(name, preset, run, params, root)
-        key_file.unlink(missing_ok=True)
-        print(f"{name}: running")
-        try:
-            pm.execute_notebook(str(notebooks_dir / f"{name}.ipynb"), str(output), parameters=parameters,
-                                cwd=str(REPO), kernel_name=kernel, execution_timeout=timeout_s,
-                                progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
-        except pm.PapermillExecutionError as err:
-            raise NotebookFailed(f"{name}.ipynb failed in cell {err.exec_count} (executed copy: {output}):\n"
-                                 f"{err.ename}: {err.evalue}") from None
-        scrub_secrets(output)
-        hide_parameters(output)
-        # the key after the run: its own stages' markers are now the ones its pages show
-        key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
+    with open(run_dir / LOG, "a") as kernel_log:  # the kernels' own messages: the run's log, not the terminal
+        for name in tqdm(only or NOTEBOOKS, desc="notebooks"):
+            if name not in NOTEBOOKS:
+                raise ValueError(f"unknown notebook {name!r}; known: {NOTEBOOKS}")
+            output = out_dir / f"{name}.ipynb"
+            key_file = out_dir / f".{name}.key"
+            key = notebook_key(name, parameters, run_dir, notebooks_dir)
+            if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
+                print(f"{name}: unchanged since its last successful run, not re-run")
+                continue
+            if not NOTEBOOK_OUTPUTS.get(name):  # a page that only reads: it must not show results of other settings
+                refuse_disagreeing(name, preset, run, params, root)
+            key_file.unlink(missing_ok=True)
+            print(f"{name}: running")
+            kernel_log.write(f"--- {datetime.datetime.now():%Y-%m-%d %H:%M:%S} the kernel of {name}.ipynb\n")
+            kernel_log.flush()
+            execute(notebooks_dir / f"{name}.ipynb", output, parameters, kernel, timeout_s, kernel_log,
+                    *_fixes(name, preset, run, params, only))
+            scrub_secrets(output)
+            hide_parameters(output)
+            # the key after the run: its own stages' markers are now the ones its pages show
+            key_file.write_text(notebook_key(name, parameters, run_dir, notebooks_dir))
     return out_dir
+
+
+def _command(command: str, preset: str, run: str, params: dict) -> str:
+    """The command line that runs ``command`` (a stage, or "book") with the book's parameters."""
+    import shlex
+
+    given = {**{k: v for k, v in params.items() if k != "overrides"}, **params.get("overrides", {})}
+    args = [f"-p {k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in given.items()]
+    return " ".join([f"refinevla {command} --preset {preset} --run {run}"] + args)
+
+
+def _fixes(name: str, preset: str, run: str, params: dict, only) -> tuple[str, str]:
+    """(what resumes a notebook that died or ran out of time: its stage alone, or the book again; what makes a
+    missing or stale input when --only skipped the notebooks before it: the book without --only, else "")."""
+    book = f"`{_command('book', preset, run, params)}`"
+    stage = NOTEBOOK_COMMANDS[name]
+    before = f"the notebooks before it with these parameters ({book} without --only)" if only else ""
+    return (f"`{_command(stage, preset, run, params)}`" if stage else book), before
+
+
+def _kernel_manager(stderr):
+    """The kernel manager class Papermill starts each kernel with: the kernel process writes its own messages
+    (Jupyter's warnings, its interrupt on shutdown, a crash) to ``stderr`` (the run's log) instead of the terminal.
+    Cell output is unchanged: it reaches the terminal through Papermill (ipykernel forwards the kernel's own
+    file descriptors 1 and 2, subprocesses included, to the cell's streams)."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw.setdefault("stderr", stderr)
+            return await super().start_kernel(**kw)
+
+    return LoggedKernelManager
+
+
+def _last_cell(path: Path) -> int | None:
+    """The number ("In [n]") of the last cell Papermill started in an executed copy: the count of code cells it
+    started, since each one runs once, in order (a kernel that dies at once never sends the cell its own number);
+    None without a copy."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(path, as_version=4).cells
+    except (OSError, ValueError):
+        return None
+    return sum(1 for c in cells if c.cell_type == "code" and c.get("metadata", {}).get("papermill", {}).get(
+        "start_time")) or None
+
+
+def execute(source: Path, output: Path, parameters: dict, kernel: str, timeout_s: int, kernel_log, rerun: str,
+            before: str = ""):
+    """Run one notebook with Papermill. A failure is a NotebookFailed in one line: an expected stage failure
+    (stage_failures) by its own message, which names the cause and the fix (a missing or stale input adds
+    ``before``: the notebooks --only skipped); any other error by its type and message; a dead kernel or a cell
+    past ``timeout_s`` with ``rerun``, the command that resumes the notebook's stage. The notebook's traceback is
+    kept in ``details`` (and in the executed copy)."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import strip_color
+
+    name = Path(source).stem
+    logger = logging.getLogger("papermill")  # its own warnings (a dead kernel, a timeout): the log too
+    handler = logging.StreamHandler(kernel_log)
+    handler.setFormatter(logging.Formatter("[papermill] %(levelname)s | %(message)s"))
+    logger.addHandler(handler)
+    try:  # the cells' own streams reach the terminal once, through stdout_file / stderr_file
+        pm.execute_notebook(str(source), str(output), parameters=parameters, cwd=str(REPO), kernel_name=kernel,
+                            execution_timeout=timeout_s, progress_bar=False, log_output=False,
+                            stdout_file=sys.stdout, stderr_file=sys.stderr,
+                            kernel_manager_class=_kernel_manager(kernel_log))
+    except pm.PapermillExecutionError as err:
+        classes = {cls.__name__: cls for cls in stage_failures()}
+        cause = err.evalue if err.ename in classes else \
+            f"{err.ename}: {err.evalue} (not an expected failure: the traceback shows where)"
+        if before and err.ename in classes and issubclass(classes[err.ename], classes["StaleInputError"]):
+            cause += f"; or run {before}"
+        raise NotebookFailed(f"{name}.ipynb failed in cell {err.exec_count}: {cause} (executed copy: {output})",
+                             strip_color("\n".join(err.traceback))) from None
+    except CellTimeoutError as err:
+        raise NotebookFailed(f"{name}.ipynb: cell {_last_cell(output)} ran past the limit of {timeout_s} s a cell; "
+                             f"run {rerun} first (a stage resumes where it stopped), or raise the limit with "
+                             "--cell-timeout SECONDS", str(err)) from None
+    except DeadKernelError as err:
+        raise NotebookFailed(f"{name}.ipynb: its kernel died in cell {_last_cell(output)} (killed, or out of "
+                             f"memory; its messages are in {kernel_log.name}); run {rerun} (a stage resumes where it "
+                             "stopped)", str(err)) from None
+    finally:
+        logger.removeHandler(handler)
 
 
 def refuse_disagreeing(name: str, preset: str, run: str, params: dict, root: str = "data") -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from .book import LOG
 from .config import SECTIONS as ALL_SECTIONS
 
 #: the config sections each command reads (its --help lists their keys, generated from the config dataclasses)
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="re-run every notebook")
             sub.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_evaluate)")
             sub.add_argument("--no-build", action="store_true", help="run the notebooks, skip jupyter-book")
+            sub.add_argument("--cell-timeout", type=int, default=3600, metavar="SECONDS",
+                             help="the longest a notebook cell may run (a stage's cell runs the whole stage)")
         elif name == "base":
             sub.add_argument("--force", action="append", choices=("base",), default=[], metavar="STAGE",
                              help="base: re-make the base from scratch (the recorded demonstrations are kept)")
@@ -103,31 +106,25 @@ def _fail(command: str, error: BaseException, status: int) -> int:
     return status
 
 
-LOG = "refinevla.log"
-
-
 def expected_failures() -> tuple[type, ...]:
-    """The runtime failures the command line ends in one line (their messages name the cause and the fix)."""
-    from .book import NotebookFailed
-    from .checkpoints import CheckpointError
-    from .integrity import DamagedFileError
-    from .markers import StaleInputError
-    from .records import RecordsDamagedError
-    from .teacher.cache import CacheError
-    from .teacher.online import TeacherError
+    """The runtime failures the command line ends in one line (their messages name the cause and the fix): a
+    stage's (book.stage_failures), and a notebook's (book.NotebookFailed, which carries the notebook's traceback)."""
+    from .book import NotebookFailed, stage_failures
 
-    return (StaleInputError, DamagedFileError, RecordsDamagedError, CacheError, TeacherError, CheckpointError,
-            NotebookFailed)
+    return stage_failures() + (NotebookFailed,)
 
 
 def log_failure(run_dir: Path, argv, error: BaseException) -> Path | None:
-    """Append the command and the traceback to the run's log file; its path (None when it cannot be written)."""
+    """Append the command and the traceback to the run's log file (a failed notebook's own traceback too); its
+    path (None when it cannot be written)."""
     path = Path(run_dir) / LOG
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} refinevla {' '.join(argv)}\n")
             fh.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+            if getattr(error, "details", ""):
+                fh.write(f"The notebook's traceback:\n{error.details}\n")
         return path
     except OSError:
         return None
@@ -145,7 +142,7 @@ def main(argv=None) -> int:
     except expected_failures() as error:
         from .book import REPO
 
-        run_dir = cfg.run_dir if args.command != "book" else REPO / "data" / (args.run or args.preset)
+        run_dir = cfg.run_dir if args.command != "book" else REPO / cfg.root / (args.run or args.preset)
         log = log_failure(run_dir, argv, error)
         message = " ".join(str(error).split())
         where = f" (traceback in {log})" if log else ""
@@ -155,7 +152,7 @@ def main(argv=None) -> int:
 
 def _run(args, cfg) -> int:
     if args.command == "book":
-        from .book import build_book, run_notebooks
+        from .book import REPO, build_book, run_notebooks
         from .config import ALIASES
 
         params, dotted = {}, {}
@@ -165,9 +162,14 @@ def _run(args, cfg) -> int:
         if dotted:
             params["overrides"] = dotted
         run = args.run or args.preset
-        run_notebooks(args.preset, params, run=run, only=args.only, force=args.force)
+        if not args.no_build and not (REPO / cfg.root).resolve().is_relative_to(REPO):
+            return _fail("book", ValueError(f"root {cfg.root} is outside the repository, and the book is built "
+                                            f"from run folders inside it ({REPO}); use --no-build, or a root "
+                                            "under the repository"), 2)
+        run_notebooks(args.preset, params, run=run, only=args.only, force=args.force, timeout_s=args.cell_timeout,
+                      root=cfg.root)
         if not args.no_build:
-            index = build_book(run)
+            index = build_book(run, root=cfg.root)
             print(f"\nThe book: {index}")
         return 0
     if args.command == "config":

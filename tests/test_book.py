@@ -3,11 +3,17 @@
 `pytest tests/test_book.py -q`
 """
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from refinevla import book
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_notebook(path, sources):
@@ -31,7 +37,8 @@ def test_failing_notebook_is_named_with_its_cell(run_root):
     nbs = run_root / "nbs"
     nbs.mkdir()
     write_notebook(nbs / "01_data.ipynb", ['preset = "smoke"', "a = 1", "raise ValueError('bad value in cell')"])
-    with pytest.raises(book.NotebookFailed, match=r"(?s)01_data.ipynb failed in cell 4 .*ValueError: bad value"):
+    with pytest.raises(book.NotebookFailed, match=r"01_data.ipynb failed in cell 4: ValueError: bad value in cell "
+                                                  r"\(not an expected failure"):
         book.run_notebooks("smoke", {}, run="r", only=["01_data"], notebooks_dir=nbs)
     assert not (run_root / "data" / "r" / "notebooks" / ".01_data.key").exists()  # never marked as done
 
@@ -157,3 +164,66 @@ def test_a_stage_rerun_outside_the_book_reruns_the_notebook_that_shows_it(run_ro
     book.run_notebooks("smoke", {"lambda_reason": 0.5}, run="r", only=["03_finetune"], notebooks_dir=nbs)
     assert "not re-run" not in capsys.readouterr().out
     assert json.loads(marker.read_text())["hash"] == "lambda 0.5"  # the run folder matches the page again
+
+
+# ------------------------------------------------------------------------ failures inside a notebook (#33)
+def test_a_stage_failure_inside_a_notebook_is_its_own_line_and_its_traceback_is_kept(run_root):
+    """An expected failure raised in a cell (here a stale input) is named by its own message, which names the
+    cause and the fix; with --only, the notebooks it skipped are named too. The notebook's traceback travels in
+    ``details``, and the kernel's own messages go to the run's log, not the terminal."""
+    nbs = run_root / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "02_annotate.ipynb", [
+        'preset = "smoke"', "from refinevla.markers import StaleInputError\n"
+        "def stage():\n    raise StaleInputError('annotate: data/r/demos is not finished; run `refinevla data` first')\n"
+        "stage()"])
+    with pytest.raises(book.NotebookFailed) as caught:
+        book.run_notebooks("smoke", {"lambda_reason": 0.25, "overrides": {"study.seeds": [0]}}, run="r",
+                           only=["02_annotate"], notebooks_dir=nbs)
+    message = str(caught.value)
+    assert "\n" not in message and "StaleInputError" not in message
+    assert message.startswith("02_annotate.ipynb failed in cell 3: annotate: data/r/demos is not finished; run "
+                              "`refinevla data` first; or run the notebooks before it with these parameters "
+                              "(`refinevla book --preset smoke --run r -p lambda_reason 0.25 -p study.seeds '[0]'` "
+                              "without --only)"), message
+    assert "StaleInputError" in caught.value.details and "----> 4 stage()" in caught.value.details
+    assert "\x1b[" not in caught.value.details  # colours stripped: the log is read as text
+    assert (run_root / "data" / "r" / book.LOG).read_text().startswith("--- ")  # the kernel's header line
+
+
+def test_a_dead_kernel_and_a_cell_past_its_limit_end_in_one_line_naming_the_stage_to_resume(run_root):
+    nbs = run_root / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "03_finetune.ipynb", ['preset = "smoke"', "x = 1", "import os\nos._exit(9)"])
+    with pytest.raises(book.NotebookFailed, match=r"^03_finetune.ipynb: its kernel died in cell 4 \(killed, or out "
+                                                  r"of memory; its messages are in .*refinevla.log\); run `refinevla "
+                                                  r"train --preset smoke --run r` \(a stage resumes"):
+        book.run_notebooks("smoke", {}, run="r", only=["03_finetune"], notebooks_dir=nbs)
+    assert "[papermill] ERROR | Kernel died" in (run_root / "data" / "r" / book.LOG).read_text()  # not the terminal
+    write_notebook(nbs / "04_evaluate.ipynb", ['preset = "smoke"', "import time\ntime.sleep(60)"])
+    with pytest.raises(book.NotebookFailed, match=r"^04_evaluate.ipynb: cell 3 ran past the limit of 3 s a cell; "
+                                                  r"run `refinevla evaluate --preset smoke --run r` first .* "
+                                                  r"--cell-timeout SECONDS$"):
+        book.run_notebooks("smoke", {}, run="r", only=["04_evaluate"], notebooks_dir=nbs, timeout_s=3)
+    assert not (run_root / "data" / "r" / "notebooks" / ".04_evaluate.key").exists()
+
+
+def test_the_command_line_ends_a_stale_input_inside_a_notebook_in_one_line(tmp_path):
+    """`refinevla book --only 02_annotate` on a run with no demonstrations: the real notebook, run by Papermill,
+    stops in the annotate stage's input check; the command prints one line naming the missing folder and how to
+    make it, and keeps the notebook's traceback in the run's log."""
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "refinevla.cli", "book", "--preset", "smoke", "--run", "r", "-p",
+                           "root", str(root), "--only", "02_annotate", "--no-build"], cwd=REPO,
+                          env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("notebooks:")]
+    assert len(lines) == 1, proc.stderr  # no traceback, no kernel message: the one line
+    line, log = lines[0], root / "r" / book.LOG
+    assert line.startswith(f"refinevla book: error: 02_annotate.ipynb failed in cell 4: annotate: {root}/r/demos "
+                           "is not finished; run `refinevla data --run r` first"), line
+    assert f"(`refinevla book --preset smoke --run r -p root {root}` without --only)" in line
+    assert line.endswith(f"(traceback in {log})")
+    text = log.read_text()
+    assert "NotebookFailed" in text and "The notebook's traceback:" in text
+    assert "----> 1 annotated = pipeline.run_annotate(cfg)" in text and "raise StaleInputError" in text
