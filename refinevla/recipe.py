@@ -101,9 +101,9 @@ def _frames(cfg, out: Path, which: str) -> list[dict]:
                     code="data")
     path = out / f"{which}-{key[:12]}.npz"
     if path.exists():
-        z = np.load(path, allow_pickle=False)
-        meta = json.loads(str(z["meta"]))
-        return [dict(m, image=z["images"][i], state=z["states"][i]) for i, m in enumerate(meta)]
+        with np.load(path, allow_pickle=False) as z:  # each z[...] reads (and keeps) the whole array: once each
+            images, states, meta = z["images"], z["states"], json.loads(str(z["meta"]))
+        return [dict(m, image=images[i], state=states[i]) for i, m in enumerate(meta)]
     frames = render_frames(list(g.tasks), frame_seeds(n, probe), cfg.data.image_size, cfg.data.camera, g.arm_noise,
                            desc=f"grounding frames ({which})", split=split, variant_share=share)
     out.mkdir(parents=True, exist_ok=True)
