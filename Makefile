@@ -37,10 +37,13 @@ endif
 book: setup
 	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
 
-# The released base (refinevla/release.py): VLM pre-training on grounding questions, then VLA pre-training on the
-# mixture; every step resumes where a killed run stopped; the folder is written last, whole.
+# The released base (refinevla/recipe.py): VLM pre-training on grounding questions, then VLA pre-training on the
+# mixture (models/tiny-base); then that base trained further with half of the mixture in randomized scenes
+# (models/tiny-vla, the model the default study fine-tunes). Every step resumes where a killed run stopped; each
+# folder is written last, whole.
 base: setup
 	$(BIN)/refinevla base --preset base $(ARGS)
+	$(BIN)/refinevla base --preset vla $(ARGS)
 
 test: setup
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)

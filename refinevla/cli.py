@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", default="default", help="smoke | default | study | paper (refinevla/presets/)")
+    common.add_argument("--preset", default="default", help="smoke | default | study | paper | base | vla (refinevla/presets/)")
     common.add_argument("--run", default="", help="run folder name under data/ (default: the preset's name)")
     common.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                         help="override a config key (an alias like lambda_reason, or section.field; see below)")

@@ -70,8 +70,10 @@ def demos_dir(cfg: RunConfig) -> Path:
 
 
 def _pretrain_data_key(cfg: RunConfig) -> str:
-    return stage_key([{k: getattr(cfg.data, k) for k in ("pretrain_mix", "image_size", "seed", "camera")}],
-                     code="data")
+    fields = {k: getattr(cfg.data, k) for k in ("pretrain_mix", "image_size", "seed", "camera")}
+    if cfg.data.pretrain_variant_share:  # only when set: the keys of default-scene mixtures stay as they were
+        fields["pretrain_variant_share"] = cfg.data.pretrain_variant_share
+    return stage_key([fields], code="data")
 
 
 def _data_key(cfg: RunConfig) -> str:

@@ -11,6 +11,11 @@ the same two stages:
 (b) **VLA pre-training** (``pretrain`` section): the action-only pre-training mixture (``data.pretrain_mix``), with
     the grounding rows mixed in so the base keeps looking while it learns to act.
 
+A recipe may also continue a released base instead of building one (``model.checkpoint`` set to its folder; the
+``vla`` preset: models/tiny-base -> models/tiny-vla): the parent, verified and keyed by its manifest's digest, is
+probed as it is, then trained by stage (b) on that preset's mixture (half of it in randomized scenes), with the
+parent's tokenizer, whose action bins are what its weights mean.
+
 Then the held-out grounding probe after each stage (frames on their own seeds, never trained on), the base's own
 closed-loop success (``evaluate`` section, one split), and the folder: weights (safetensors), tokenizer, vla.json,
 ``manifest.json`` (the recipe config, seeds, sizes, losses, probe, success, training time, the sha256 of every file)
@@ -119,11 +124,14 @@ def _frames(cfg, out: Path, which: str) -> list[dict]:
 def _stage_keys(cfg) -> dict:
     from .markers import stage_key
     from .pipeline import _pretrain_data_key
+    from .release import checkpoint_id
 
     g = dataclasses.asdict(cfg.grounding)
     g.pop("release_dir")
     model = [cfg.model.size, cfg.model.action_chunk, cfg.model.attn_implementation]
-    vlm = stage_key([model, cfg.vlm, g, cfg.data.image_size, cfg.data.camera, _pretrain_data_key(cfg)], code="base")
+    # a continued release: the parent (by its manifest's digest) takes the place of stage (a)
+    start = ["parent", checkpoint_id(cfg.model.checkpoint)] if cfg.model.checkpoint else [model, cfg.vlm]
+    vlm = stage_key(start + [g, cfg.data.image_size, cfg.data.camera, _pretrain_data_key(cfg)], code="base")
     vla = stage_key([vlm, cfg.pretrain], code="base")
     return dict(vlm=vlm, vla=vla, evaluate=stage_key([vla, cfg.evaluate, cfg.grounding.eval_splits], code="evaluate"))
 
@@ -139,9 +147,10 @@ def run_base(cfg, force=()) -> Path:
     from .train import _save_model_dir, _stats_from, encode_dataset, num_image_tokens, train_loop
 
     _validate(cfg)
-    if cfg.model.checkpoint:
-        raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r}: the base recipe builds the tiny base itself; "
-                         "run it with model.checkpoint ''")
+    parent = resolve_checkpoint(cfg.model.checkpoint) if cfg.model.checkpoint else ""
+    if parent and not (Path(parent) / MANIFEST).is_file():
+        raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r}: a recipe continues a released base only (a "
+                         f"folder with {MANIFEST}, e.g. models/tiny-base); or '' to build the tiny base itself")
     forced = bool(set(force or ()) & {"base", "all"})
     work, g = cfg.stage_dir("base"), cfg.grounding
     keys, timings = _stage_keys(cfg), {}
@@ -166,13 +175,25 @@ def run_base(cfg, force=()) -> Path:
           f"{sum(f['split'] == 'variant' for f in train_frames)} frames in randomized scenes), "
           f"{len(probe_frames)} -> {len(probe_rows)} (probe), {len(variant_rows)} (probe, variant scenes)")
     probes = lambda model: {"in_distribution": probe(model, tok, probe_rows), "variant": probe(model, tok, variant_rows)}
-    tok = base_tokenizer(recipe_tasks(cfg), *_stats_from(demos), action_chunk=cfg.model.action_chunk)
+    if parent:  # the parent's tokenizer: its action bins are what its weights mean
+        from .tokens import VLATokenizer
 
-    # stage (a): VLM pre-training on referring expressions
-    vlm_dir = work / "vlm"
+        tok = VLATokenizer.load(parent)
+    else:
+        tok = base_tokenizer(recipe_tasks(cfg), *_stats_from(demos), action_chunk=cfg.model.action_chunk)
+
+    # stage (a): VLM pre-training on referring expressions (a continued release: the parent, probed as it is)
+    vlm_dir = work / ("parent" if parent else "vlm")
     t = time.time()
-    if markers.ready(cfg.run_dir, vlm_dir, keys["vlm"], forced, "base: stage (a) VLM pre-training"):
-        model = load_base(vlm_dir / "model")
+    if markers.ready(cfg.run_dir, vlm_dir, keys["vlm"], forced,
+                     "base: the parent release" if parent else "base: stage (a) VLM pre-training"):
+        model = load_base(parent or vlm_dir / "model")
+    elif parent:
+        start_stage(vlm_dir, keys["vlm"], fresh=forced)
+        model = load_base(parent)
+        print(f"continuing the released base {cfg.model.checkpoint}: probing it first")
+        (vlm_dir / "probe.json").write_text(json.dumps(probes(model), indent=1))
+        mark_done(vlm_dir, keys["vlm"], cfg, t)
     else:
         start_stage(vlm_dir, keys["vlm"], fresh=forced)
         model = build_tiny_vla(cfg.model.size, tok.vocab_size, tok.image_id, tok.pad_id, seed=cfg.vlm.seed,

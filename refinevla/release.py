@@ -117,13 +117,16 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
     tmp = out.with_name("." + out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / "vla" / "model", tmp)
-    probes = {s: json.loads((work / d / "probe.json").read_text()) for s, d in (("a", "vlm"), ("b", "vla"))}
+    parent = checkpoint_id(cfg.model.checkpoint) if cfg.model.checkpoint else ""
+    first = "parent" if parent else "vlm"  # a continued release: "a" is its parent, probed before stage (b)
+    probes = {s: json.loads((work / d / "probe.json").read_text()) for s, d in (("a", first), ("b", "vla"))}
     variant = {s: p["variant"] for s, p in probes.items() if "variant" in p}
     probes = {s: p.get("in_distribution", p) for s, p in probes.items()}
     marker = json.loads((work / "vla" / "_done.json").read_text())
     params = json.loads((tmp / "vla.json").read_text())["parameters"]
     manifest = dict(
         name=out.name, kind="refinevla tiny base", architecture=f"PaliGemma ({cfg.model.size})", parameters=params,
+        parent=parent,
         recipe=dict(preset_sections={s: dataclasses.asdict(getattr(cfg, s))
                                      for s in ("data", "model", "vlm", "pretrain", "grounding", "evaluate")},
                     command="make base"),
@@ -138,11 +141,11 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
         probe=probes, probe_variant=variant, closed_loop=success[0], closed_loop_splits=success, timings_s=dict(timings, total=round(sum(timings.values()), 1)),
         losses=dict(vlm=_curve(work / "vlm" / "metrics.jsonl", 10), vla=_curve(work / "vla" / "metrics.jsonl", 10)),
         #: what tests/test_release.py re-runs: stage (a)'s first logged steps, and which rows they trained on
-        reproduce=dict(first_metrics=_first_metrics(work / "vlm" / "metrics.jsonl", 2),
+        reproduce=dict(first_metrics=_first_metrics(work / ("vla" if parent else "vlm") / "metrics.jsonl", 2),
                        rows=[[int(r["seed"]), r["name"]] for r in train_rows]),
         environment=dict(python=platform.python_version(), torch=torch.__version__,
                          transformers=transformers.__version__, machine=platform.machine(),
-                         threads=cfg.vlm.threads),
+                         threads=(cfg.pretrain if parent else cfg.vlm).threads),
         created=time.strftime("%Y-%m-%d"))
     (tmp / CARD).write_text(model_card(manifest))
     manifest["files"] = {p.name: dict(bytes=p.stat().st_size, sha256=sha256(p)) for p in sorted(tmp.iterdir())
@@ -171,30 +174,49 @@ def model_card(m: dict) -> str:
               "Every pre-training frame shows the default scene.")
     row = lambda name, p: (f"| {name} | {p['n']} | {p['side_accuracy']:.3f} | {p['within_1cm']:.3f} | "
                            f"{p['exact']:.3f} | {' / '.join(f'{x:.2f}' for x in p['mae_cm'])} |")
-    variant_rows = "".join("\n" + row(f"stage ({k}), variant scenes", pv[k]) for k in ("a", "b") if k in pv)
-    return f"""# {m['name']}: the refinevla tiny base
-
-A {m['architecture']} vision-language-action model, {m['parameters']['total']:,} parameters, pre-trained on
+    parent = m.get("parent", "")
+    names = {"a": f"the parent ({parent.split('@')[0]})" if parent else "stage (a)", "b": "stage (b)"}
+    variant_rows = "".join("\n" + row(f"{names[k]}, variant scenes", pv[k]) for k in ("a", "b") if k in pv)
+    threads = f"{m['environment']['threads']} thread" + ("s" if m['environment']['threads'] != 1 else "")
+    if parent:
+        intro = f"""A {m['architecture']} vision-language-action model, {m['parameters']['total']:,} parameters: the released
+base `{parent.split('@')[0]}` (manifest digest {parent.split('@')[-1]}: its own card says how it was pre-trained, as a
+VLM on referring expressions and then as a VLA on a robosuite mixture) trained further (refinevla.recipe, stage (b)
+continued) on the actions of a scripted-expert mixture with grounding questions mixed in. It plays the role SpatialVLA
+plays in the paper: the pre-trained VLA that ReFineVLA fine-tunes (`model.checkpoint: models/{m['name']}` in the
+default preset). Made by `make base`; every number below comes from that run ({m['created']},
+{m['environment']['machine']}, torch {m['environment']['torch']}, {threads})."""
+        stage_a = f"| parent | `{parent}` | - | - | - | - |"
+    else:
+        intro = f"""A {m['architecture']} vision-language-action model, {m['parameters']['total']:,} parameters, pre-trained on
 robosuite scenes in two stages (refinevla.recipe): (a) referring expressions ("where is the red cube" -> "the red
 cube is 4 cm left of and 9 cm below the gripper"), (b) the actions of a scripted-expert mixture with those questions
-mixed in. It plays the role SpatialVLA plays in the paper: the pre-trained VLA that ReFineVLA fine-tunes
-(`model.checkpoint: models/tiny-base` in the default preset). Made by `make base`; every number below comes from
-that run ({m['created']}, {m['environment']['machine']}, torch {m['environment']['torch']},
-{m['environment']['threads']} thread).
+mixed in. It plays the role SpatialVLA plays in the paper: the pre-trained VLA that ReFineVLA fine-tunes. Made by
+`make base`; every number below comes from that run ({m['created']}, {m['environment']['machine']}, torch
+{m['environment']['torch']}, {threads})."""
+        stage_a = (f"| (a) VLM | {m['data']['grounding_rows']} questions about {r['grounding']['frames']} rendered frames of "
+                   f"{', '.join(r['grounding']['tasks'])} (seeds {m['seeds']['grounding_train'][0]}-"
+                   f"{m['seeds']['grounding_train'][1]}, arm joints moved by N(0, {r['grounding']['arm_noise']}) rad) | "
+                   f"{r['vlm']['steps']} | {r['vlm']['batch_size']} | {r['vlm']['lr']} | {r['vlm']['warmup_steps']} "
+                   f"warm-up, cosine to {r['vlm']['min_lr_ratio']}x |")
+    last = lambda stage, key: (m['losses'][stage][-1].get(key, float('nan')) if m['losses'][stage] else float('nan'))
+    return f"""# {m['name']}: the refinevla tiny {'VLA' if parent else 'base'}
+
+{intro}
 
 {scenes}
 
 ## Recipe
 | stage | data | steps | batch | peak lr | schedule |
 |---|---|---|---|---|---|
-| (a) VLM | {m['data']['grounding_rows']} questions about {r['grounding']['frames']} rendered frames of {', '.join(r['grounding']['tasks'])} (seeds {m['seeds']['grounding_train'][0]}-{m['seeds']['grounding_train'][1]}, arm joints moved by N(0, {r['grounding']['arm_noise']}) rad) | {r['vlm']['steps']} | {r['vlm']['batch_size']} | {r['vlm']['lr']} | {r['vlm']['warmup_steps']} warm-up, cosine to {r['vlm']['min_lr_ratio']}x |
+{stage_a}
 | (b) VLA | {m['data']['action_rows']} action frames of {sum(r['data']['pretrain_mix'].values())} expert episodes ({', '.join(f'{k} {v}' for k, v in r['data']['pretrain_mix'].items())}; seeds 30000+) + {m['data']['stage_b_grounding_rows']} questions (lambda {r['pretrain']['lambda_reason']}) | {r['pretrain']['steps']} | {r['pretrain']['batch_size']} | {r['pretrain']['lr']} | {r['pretrain']['warmup_steps']} warm-up, cosine to {r['pretrain']['min_lr_ratio']}x |
 
-Training time on one CPU thread: stage (a) {t['stage_a_s'] / 60:.1f} min, stage (b) {t['stage_b_s'] / 60:.1f} min;
+Training time on {threads}: stage (a) {t['stage_a_s'] / 60:.1f} min, stage (b) {t['stage_b_s'] / 60:.1f} min;
 demonstrations {t['demonstrations_s'] / 60:.1f} min, frames {t['frames_s'] / 60:.1f} min, evaluation
 {t['evaluate_s'] / 60:.1f} min (total {t['total'] / 60:.1f} min, those of a resumed run count only their last part).
-Final training losses: stage (a) {m['losses']['vlm'][-1].get('loss', float('nan')):.3f}, stage (b) action
-{m['losses']['vla'][-1].get('l_action', float('nan')):.3f}, grounding {m['losses']['vla'][-1].get('l_reason', float('nan')):.3f}.
+Final training losses: stage (a) {last('vlm', 'loss'):.3f}, stage (b) action {last('vla', 'l_action'):.3f},
+grounding {last('vla', 'l_reason'):.3f}.
 
 ## Grounding probe (held-out frames, seeds {m['seeds']['grounding_probe'][0]}-{m['seeds']['grounding_probe'][1]})
 Greedy answers to "where is the <object>"; side: the object's left/right of the gripper (rows where it is >= 1 cm
@@ -202,7 +224,7 @@ to a side); within 1 cm: every axis; mean absolute error per axis (x ahead, y le
 
 | after | questions | side accuracy | within 1 cm | exact | MAE x / y / z (cm) |
 |---|---|---|---|---|---|
-{row('stage (a)', pa)}
+{row(names['a'], pa)}
 {row('stage (b)', pb)}{variant_rows}
 
 ## Closed loop
@@ -213,7 +235,8 @@ The base acting alone (no fine-tuning) on {', '.join(s['tasks'])}, on the study'
 `model.safetensors` + `config.json` (transformers' PaliGemmaForConditionalGeneration), the word-level tokenizer
 (`tokenizer.json`, `vla_tokens.json`: action and state bins, action chunk), `vla.json`, `manifest.json` (the recipe
 config, seeds, losses every 10th logged line, the probe, the sha256 of every file). `refinevla.release.verify_release`
-checks them; `tests/test_release.py` re-runs the first steps of stage (a) and compares them bit for bit.
+checks them; `tests/test_release.py` checks the committed releases and re-runs the first steps of the base's stage (a)
+bit for bit.
 
 ## Limits
 Trained on robosuite scenes of the grounding and mixture tasks seen through the wrist camera at 64 px; it knows those objects' names and

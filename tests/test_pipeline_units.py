@@ -82,3 +82,14 @@ def test_a_bad_evaluation_config_is_refused_before_finished_episodes_are_deleted
     with pytest.raises(ValueError, match="sideways"):
         pipeline.run_evaluate(cfg)
     assert (out / "episodes.jsonl").exists()
+
+
+def test_the_mixture_key_follows_its_randomized_share():
+    """Recorded mixture episodes are reused only by a run that asks for the same share of randomized scenes (a
+    default-scene mixture keeps the key it had before the share existed)."""
+    cfg = config.resolve("base")
+    default = pipeline._pretrain_data_key(cfg)
+    cfg.data.pretrain_variant_share = 0.5
+    assert pipeline._pretrain_data_key(cfg) != default
+    cfg.data.pretrain_variant_share = 0.0
+    assert pipeline._pretrain_data_key(cfg) == default

@@ -152,3 +152,25 @@ def test_a_small_recipe_releases_a_base_and_resumes_after_kill(tmp_path):
     episodes = sorted(p.name for p in (tmp_path / "data" / "base" / "base" / "demos" / "episodes").glob("*.npz"))
     assert any(p.endswith("_variant.npz") for p in episodes) and any(not p.endswith("_variant.npz") for p in episodes)
     assert "## Grounding probe" in (out / "README.md").read_text()
+
+    # the second part of `make base`: the released VLA continues the base (the vla preset), keyed by its digest
+    vla_out = tmp_path / "released-vla"
+    cont = CLI + ["base", "--preset", "vla", "-p", "root", str(tmp_path / "data"), "-p", "grounding.release_dir",
+                  str(vla_out)] + SMALL + ["-p", "model.checkpoint", str(out)]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    with open(damaged / "model.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\0" * 8)
+    bad = subprocess.run(cont[:-1] + [str(damaged)], capture_output=True, text=True, timeout=300, env=cli_env(),
+                         cwd=tmp_path)
+    assert bad.returncode != 0 and "model.safetensors" in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
+    assert not vla_out.exists() and not (tmp_path / "data" / "vla" / "base").exists()  # stopped before any stage
+    run = subprocess.run(cont, capture_output=True, text=True, timeout=900, env=cli_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    vla = release.verify_release(vla_out)
+    assert vla["parent"] == release.checkpoint_id(str(out))
+    assert (vla_out / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    assert (vla_out / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
+    assert vla["probe"]["a"]["n"] > 0  # the parent, probed before it is trained further
+    assert "continued" in (vla_out / "README.md").read_text()
