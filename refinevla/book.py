@@ -2,8 +2,10 @@
 
 Notebooks run in order with the same parameters (preset + overrides); a notebook whose source, parameters,
 package code and input stages did not change since its last successful run is not re-run. The first failing
-notebook stops everything and names the cell. The book is then built with execution off, warnings as errors,
-and every page's footer names the commit and the date it was built from.
+notebook stops everything in one line naming the cell, the cause and the fix (its traceback goes to the run's log).
+Every page that shows models states their lambda, top-K and seeds (``page_note``) and warns when a stored result
+was made under other parameters; a page that runs no stage is refused instead. The book is then built with
+execution off, warnings as errors, and every page's footer names the commit and the date it was built from.
 
 ``notebooks/*.ipynb`` are the only source of the notebooks: edit them in JupyterLab (`make lab`) or any editor.
 Inside a notebook, ``open_run`` resolves the run config and moves to the repository root, so a kernel started in
@@ -100,52 +102,101 @@ def stage_failures() -> tuple[type, ...]:
             CheckpointError, ConfigError)
 
 
+#: The pages that show a model (every one but the data and the teacher's): each states, right after the cell that
+#: runs its stage, the lambda, top-K and seeds of its models and any stored result made under other ones (page_note).
+MODEL_PAGES = ["03_finetune", "04_evaluate", "05_attention", "06_results", "00_overview"]
+
+
 def open_run(preset: str, run: str = "", namespace: dict | None = None, overrides: dict | None = None):
     """The run config inside a notebook (its parameters cell's values), with the working directory moved to the
     repository root: run folders (data/<run>/) are the ones `make book` writes, wherever the kernel started.
-    Every page then states the lambda, top-K and seeds of the models it shows, and says so when a model or an
-    evaluation stored in the run was made under other parameters than the page's (``disagreements``)."""
+    A page that shows models states their settings in a cell of its own (``page_note``), after its stage ran."""
     from . import config
 
     if (REPO / "notebooks").is_dir():  # an installed copy outside the repository keeps the working directory
         os.chdir(REPO)
-    cfg = config.notebook_config(preset, run, namespace, overrides)
-    try:
-        from IPython.display import Markdown, display
-    except ImportError:  # pragma: no cover - notebooks always have IPython
-        return cfg
-    display(Markdown(page_note(cfg)))
-    return cfg
+    return config.notebook_config(preset, run, namespace, overrides)
 
 
 def models_line(cfg) -> str:
-    """The settings that tell this page's models apart: lambda, top-K and the fine-tuning seeds."""
-    return (f"*Models on this page: ReFineVLA arms trained with lambda_reason = {cfg.refinevla.lambda_reason}, "
-            f"LoRA on the top K = {cfg.model.tune_top_k_layers} layers, fine-tuning seeds "
-            f"{list(cfg.study.seeds)}.*")
+    """The settings that tell this page's models apart: per arm, its lambda, how many top layers its LoRA tunes and
+    its fine-tuning seeds; then the base every arm starts from, and the oracle's models."""
+    from . import pipeline
+
+    seeds: dict[str, list[int]] = {}
+    for arm, seed in pipeline.trained_arms(cfg):
+        seeds.setdefault(arm, []).append(seed)
+    arms = []
+    for arm, arm_seeds in seeds.items():
+        tcfg, mcfg = pipeline.arm_configs(cfg, arm, arm_seeds[0])
+        loss = f"lambda_reason = {tcfg.lambda_reason}" if tcfg.use_rationale else "no reasoning loss (lambda 0)"
+        arms.append(f"**{arm}**: {loss}, top K = {mcfg.tune_top_k_layers}, seeds {arm_seeds}")
+    units = pipeline.evaluated_units(cfg)
+    oracle = [seed for arm, seed in units if arm == pipeline.ORACLE]
+    base = (f"the base: {cfg.model.checkpoint}" if cfg.model.checkpoint else
+            f"the base: pre-trained in this run (seed {cfg.pretrain.seed}, {cfg.pretrain.steps} steps)")
+    return ("*Models on this page* (lambda_reason: the weight of the reasoning loss; top K: the decoder layers "
+            "LoRA tunes; seeds: the fine-tuning seeds) - " + "; ".join(arms) + f"; {base}"
+            + (f"; **oracle**: the refinevla models of seeds {oracle} acting on the teacher's rationale" if oracle
+               else "") + ".")
 
 
 def disagreements(cfg) -> list[str]:
-    """One line per fine-tune or evaluation stored in the run whose key is not the one ``cfg`` gives (made under
-    other parameters), naming up to three keys that differ; stages not made yet are not listed."""
+    """One line per result stored in the run that was not made with ``cfg`` (stages not made yet are not listed):
+    a fine-tune, an evaluation or the attention stage whose key is not the one ``cfg`` gives, naming up to three keys
+    that differ, and the evaluation's tables (evaluate/records.csv) when their arms and seeds are not ``cfg``'s."""
     from . import markers, pipeline
 
     out = []
+    sections = pipeline.MODEL_SECTIONS + ("evaluate", "attention")
+    stages = []
     for arm, seed in pipeline.evaluated_units(cfg):
-        stages = [pipeline.model_key(cfg, arm, seed)] if arm != pipeline.ORACLE else []
+        stages += [pipeline.model_key(cfg, arm, seed)] if arm != pipeline.ORACLE else []
         stages.append((pipeline.evaluate_dir(cfg, arm, seed), pipeline.evaluate_key(cfg, arm, seed)))
-        for folder, expected in stages:
-            marker = markers.read_marker(folder) if folder is not None else None
-            if marker is None or marker.get("hash") == expected or any(str(folder) in o for o in out):
-                continue
-            diff = markers._config_diff(cfg, Path(folder) / "config.yaml", pipeline.MODEL_SECTIONS + ("evaluate",))
-            why = f"other parameters ({'; '.join(diff)})" if diff else "another key (other code or inputs)"
-            out.append(f"{folder} was made under {why}")
-    return out
+    stages.append((cfg.stage_dir("attention"), None))  # its key reads the models: computed only when it exists
+    for folder, expected in stages:
+        marker = markers.read_marker(folder) if folder is not None else None
+        if marker is None or any(f"{folder} was" in o for o in out):
+            continue
+        if marker.get("hash") == (pipeline.attention_key(cfg) if expected is None else expected):
+            continue
+        diff = markers._config_diff(cfg, Path(folder) / "config.yaml", sections)
+        why = f"other parameters ({'; '.join(diff)})" if diff else "another key (other code or inputs)"
+        out.append(f"{folder} was made under {why}")
+    tables = unit_mismatch(cfg)
+    return out + ([tables] if tables else [])
+
+
+def unit_mismatch(cfg) -> str:
+    """A line when the evaluation's tables (evaluate/records.csv: success, paired, overview) hold other arms or
+    seeds than ``cfg`` evaluates, e.g. a page given fewer seeds than the run has; "" when they agree or are absent."""
+    import pandas as pd
+
+    from . import pipeline
+
+    path = cfg.stage_dir("evaluate", "records.csv")
+    if not Path(path).exists():
+        return ""
+    try:
+        found = pd.read_csv(path, usecols=["arm", "train_seed"]).drop_duplicates()
+    except (ValueError, pd.errors.ParserError) as error:
+        return f"{path} cannot be read ({' '.join(str(error).split())})"
+    stored = {(str(a), int(s)) for a, s in found.itertuples(index=False)}
+    wanted = set(pipeline.evaluated_units(cfg))
+
+    def name(units):
+        return ", ".join(f"{a}" if s < 0 else f"{a} seed {s}" for a, s in sorted(units)[:4]) + (
+            f" and {len(units) - 4} more" if len(units) > 4 else "")
+
+    parts = ([f"holds {name(stored - wanted)}, which these parameters do not evaluate"] if stored - wanted else []) \
+        + ([f"lacks {name(wanted - stored)}"] if wanted - stored else [])
+    return f"{path} {' and '.join(parts)} (study.seeds, study.arms, study.base or study.oracle differ)" if parts else ""
 
 
 def page_note(cfg) -> str:
-    """The note at the top of every page: its models' settings, and any stored result made under others."""
+    """The note of every page that shows models (MODEL_PAGES), its first output: their settings (models_line), and
+    a warning naming any stored result made under others (disagreements). A page that runs no stage is refused
+    instead (refuse_disagreeing); a stage page re-makes its own stage first, so it warns only about the others."""
     found = disagreements(cfg)
     if not found:
         return models_line(cfg)

@@ -94,6 +94,27 @@ def test_notebook_names_the_project_kernel_and_opens_the_run_first(name):
     assert tags <= {"remove-input", "hide-input", "hide-cell", "remove-cell"}
 
 
+@pytest.mark.parametrize("name", book.NOTEBOOKS)
+def test_a_page_that_shows_models_states_their_settings_first_and_visibly(name):
+    """Its first shown output is book.page_note (lambda, top-K and seeds of its models, and a warning when the run's
+    stored results disagree), in a cell whose output the book keeps, after the cell that runs its stage (whose
+    outputs it describes, re-made or not); the data and teacher pages show no model."""
+    code = [c for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"]
+    notes = [i for i, c in enumerate(code) if "book.page_note(cfg)" in c.source]
+    if name not in book.MODEL_PAGES:
+        assert name in ("01_data", "02_annotate") and not notes
+        assert not any(re.search(r"load_policy|[\"'](train|evaluate|attention)[\"']", c.source) for c in code), name
+        return
+    assert len(notes) == 1, f"{name}: {len(notes)} page notes"
+    note = notes[0]
+    assert code[note].source.startswith("display(Markdown(book.page_note(cfg)))")
+    assert code[note].metadata["tags"] == ["remove-input"]  # the output stays on the page (not remove-/hide-cell)
+    stage = [i for i, c in enumerate(code) if "pipeline.run_" in c.source]
+    assert all(i < note for i in stage), f"{name}: the note comes before its stage ran"
+    shown = [i for i, c in enumerate(code) if {"remove-input", "hide-input"} & set(c.metadata.get("tags", []))]
+    assert shown[0] == note, f"{name}: cell {shown[0]} shows a result before the page states its models"
+
+
 def test_open_run_resolves_run_folders_at_the_repository_root(tmp_path, monkeypatch):
     """A kernel started in notebooks/ (JupyterLab) or anywhere else reads and writes data/<run>/ at the top."""
     monkeypatch.chdir(NOTEBOOKS)

@@ -322,8 +322,18 @@ def test_a_page_names_its_models_settings_and_says_when_the_stored_run_disagrees
     cfg = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1})
     pipeline.run_all(cfg)
     note = book.page_note(cfg)
-    assert "lambda_reason = 0.1" in note and "top K = 1" in note and "seeds [0, 1]" in note
+    assert "**refinevla**: lambda_reason = 0.1, top K = 1, seeds [0, 1]" in note
+    assert "**baseline**: no reasoning loss (lambda 0), top K = 1, seeds [0, 1]" in note
+    assert "**dropout**: lambda_reason = 0.1, top K = 1, seeds [0]" in note  # an extra arm, on its own seeds
+    assert "the base: pre-trained in this run (seed 0, 20 steps)" in note and "**oracle**: the refinevla models of " \
+        "seeds [0]" in note
     assert "disagree" not in note
+    study = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1, "study.arms": {
+        "lambda_1": {"from": "refinevla", "lambda_reason": 1.0}, "top_2": {"from": "refinevla",
+                                                                           "model.tune_top_k_layers": 2}}})
+    note = book.models_line(study)  # an arm that changes lambda or top-K is stated with its own
+    assert "**lambda_1**: lambda_reason = 1.0, top K = 1, seeds [0]" in note
+    assert "**top_2**: lambda_reason = 0.1, top K = 2, seeds [0]" in note
     other = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.25})
     note = book.page_note(other)
     assert "lambda_reason = 0.25" in note and "disagree with the run's stored results" in note
@@ -334,3 +344,25 @@ def test_a_page_names_its_models_settings_and_says_when_the_stored_run_disagrees
         book.refuse_disagreeing("00_overview", "smoke", "lam", params, root=str(tmp_path / "data"))
     book.refuse_disagreeing("00_overview", "smoke", "lam", {"lambda_reason": 0.1, "overrides": params["overrides"]},
                             root=str(tmp_path / "data"))
+    # the evaluation's tables hold the run's seeds and arms: a page given fewer (or more) says so, or is refused
+    fewer = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1, "study.seeds": [0]})
+    found = book.disagreements(fewer)
+    assert found == [  # the attention stage's grounding probe read seed 1's fine-tunes too
+        f"{fewer.run_dir}/attention was made under other parameters (study.seeds: [0, 1] there, [0] now)",
+        f"{fewer.run_dir}/evaluate/records.csv holds baseline seed 1, refinevla seed 1, which these parameters do not "
+        "evaluate (study.seeds, study.arms, study.base or study.oracle differ)"]
+    assert "seeds [0]" in book.page_note(fewer) and "records.csv holds baseline seed 1" in book.page_note(fewer)
+    more = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1, "study.arms": {
+        "after": {"from": "refinevla", "rationale_position": "after"}, "dropout": {"from": "refinevla",
+        "rationale_dropout": 0.5}, "extra": {"from": "refinevla", "rationale_dropout": 0.25}}})
+    assert any("records.csv lacks extra seed 0" in f for f in book.disagreements(more))
+    with pytest.raises(book.NotebookFailed, match=r"06_results: .*attention was made under other parameters "
+                                                  r"\(study.seeds: \[0, 1\] there, \[0\] now\) \(and 1 more\)"):
+        book.refuse_disagreeing("06_results", "smoke", "lam", {"lambda_reason": 0.1, "seeds": [0],
+                                                               "overrides": params["overrides"]},
+                                root=str(tmp_path / "data"))
+    # the attention stage made under other parameters is named too
+    other_attention = smoke(tmp_path, "lam", **{"refinevla.lambda_reason": 0.1, "attention.frames_per_task": 3})
+    assert book.disagreements(other_attention) == [
+        f"{other_attention.run_dir}/attention was made under other parameters (attention.frames_per_task: 2 there, "
+        "3 now)"]
