@@ -69,11 +69,10 @@ def demos_dir(cfg: RunConfig) -> Path:
     return cfg.stage_dir("demos")
 
 
-def _pretrain_data_key(cfg: RunConfig) -> str:
-    fields = {k: getattr(cfg.data, k) for k in ("pretrain_mix", "image_size", "seed", "camera")}
-    if cfg.data.pretrain_variant_share:  # only when set: the keys of default-scene mixtures stay as they were
-        fields["pretrain_variant_share"] = cfg.data.pretrain_variant_share
-    return stage_key([fields], code="data")
+def _pretrain_data_key(cfg: RunConfig) -> str:  # the share only when set: default-scene mixtures keep their keys
+    fields = ("pretrain_mix", "image_size", "seed", "camera") + ("pretrain_variant_share",) * (
+        cfg.data.pretrain_variant_share > 0)
+    return stage_key([{k: getattr(cfg.data, k) for k in fields}], code="data")
 
 
 def _data_key(cfg: RunConfig) -> str:
