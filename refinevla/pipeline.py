@@ -14,8 +14,7 @@ Before a stage deletes or writes anything it validates the whole config (``confi
 each input is the one the current config makes (its marker holds the key the current config expects): an
 evaluation refuses a model trained under another config, in one line naming the keys that differ
 (``StaleInputError``). Inside a stage, work is written incrementally (episodes, checkpoints, annotation cache),
-so a killed stage resumes where it stopped. Under ``accelerate launch`` only the main process writes; the others
-take part in training and wait for the markers of the rest.
+so a killed stage resumes where it stopped. Under ``accelerate launch`` only the main process writes.
 """
 from __future__ import annotations
 
@@ -70,8 +69,8 @@ def demos_dir(cfg: RunConfig) -> Path:
 
 
 def _pretrain_data_key(cfg: RunConfig) -> str:  # the share only when set: default-scene mixtures keep their keys
-    fields = ("pretrain_mix", "image_size", "seed", "camera") + ("pretrain_variant_share",) * (
-        cfg.data.pretrain_variant_share > 0)
+    share = ("pretrain_variant_share",) if cfg.data.pretrain_variant_share else ()
+    fields = ("pretrain_mix", "image_size", "seed", "camera") + share
     return stage_key([{k: getattr(cfg.data, k) for k in fields}], code="data")
 
 
