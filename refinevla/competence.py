@@ -22,6 +22,8 @@ IN_DISTRIBUTION_BAR = 0.60
 VARIANT_BAND = (0.15, 0.85)
 #: The probe stages of a manifest, with the names the tables use.
 PROBE_STAGES = {"a": "after stage (a) VLM", "b": "after stage (b) VLA"}
+#: A continued release (a manifest with a parent): its stage (b) is the chain's third stage.
+CONTINUED = "stage (c) VLA, randomized scenes"
 GROUNDING_COLUMNS = {"questions": "questions", "answered": "answered", "side_rows": "side questions",
                      "side_accuracy": "side accuracy", "within_1cm": "within 1 cm", "exact": "exact",
                      "mae_x_cm": "MAE x (cm)", "mae_y_cm": "MAE y (cm)", "mae_z_cm": "MAE z (cm)",
@@ -39,7 +41,13 @@ def base_release(cfg) -> dict | None:
     from .release import is_release, verify_release
 
     name = cfg.model.checkpoint
-    return verify_release(name) if is_release(name) else None
+    if not is_release(name):
+        return None
+    manifest = verify_release(name)
+    parent = manifest.get("parent", "").split("@")[0]
+    if parent and is_release(parent):  # a continued release (models/tiny-vla): its parent's card comes with it
+        manifest["parent_manifest"] = verify_release(parent)
+    return manifest
 
 
 def _example(e: dict | None) -> str:
@@ -51,10 +59,15 @@ def _example(e: dict | None) -> str:
 def base_probe_table(manifest: dict) -> pd.DataFrame:
     """The base's held-out grounding probe after each pre-training stage: one row per stage (numbers as shares and
     cm; report.tidy reads them)."""
-    rows = {}
-    stages = [(manifest.get("probe", {}).get(k), label) for k, label in PROBE_STAGES.items()]
-    stages += [(manifest.get("probe_variant", {}).get(k), f"{label}, variant scenes") for k, label in
-               PROBE_STAGES.items()]
+    rows, parent = {}, manifest.get("parent_manifest")
+    probe, variant = manifest.get("probe", {}), manifest.get("probe_variant", {})
+    if parent:  # the parent's stages from its card, its variant-scene probe from this one, then the third stage
+        stages = [(parent.get("probe", {}).get(k), label) for k, label in PROBE_STAGES.items()]
+        stages += [(variant.get("a"), f"{PROBE_STAGES['b']}, variant scenes"), (probe.get("b"), f"after {CONTINUED}"),
+                   (variant.get("b"), f"after {CONTINUED}, variant scenes")]
+    else:
+        stages = [(probe.get(k), label) for k, label in PROBE_STAGES.items()]
+        stages += [(variant.get(k), f"{label}, variant scenes") for k, label in PROBE_STAGES.items()]
     for p, label in stages:
         if p is None:
             continue
@@ -68,7 +81,14 @@ def base_probe_table(manifest: dict) -> pd.DataFrame:
 
 def base_recipe_table(manifest: dict) -> pd.DataFrame:
     """How the base was made: the two pre-training stages (data, steps, batch, peak lr, training minutes, final
-    losses), then the base's own closed-loop success (no fine-tuning)."""
+    losses), then the base's own closed-loop success (no fine-tuning). A continued release: its parent's rows
+    first (named by the parent), then its own stage as stage (c)."""
+    parent = manifest.get("parent_manifest")
+    if parent:
+        rows = base_recipe_table(parent).rename(index=lambda i: f"{parent.get('name', 'parent')}: {i}")
+        own = base_recipe_table({k: v for k, v in manifest.items() if k != "parent_manifest"} | {"parent": ""})
+        own = own.drop(index="stage (a) VLM").rename(index={"stage (b) VLA": CONTINUED})
+        return pd.concat([rows, own.rename(index=lambda i: f"{manifest.get('name', 'base')}: {i}")])
     r = manifest.get("recipe", {}).get("preset_sections", {})
     d, seeds, t = manifest.get("data", {}), manifest.get("seeds", {}), manifest.get("timings_s", {})
     g, mix = r.get("grounding", {}), r.get("data", {}).get("pretrain_mix", {})
@@ -153,7 +173,8 @@ def competence_table(success: pd.DataFrame | None, manifest: dict | None = None,
     if probe is not None:
         side = (probe.get("side_accuracy"), probe.get("side_rows"))
         within = (probe.get("within_1cm"), probe.get("n"))
-        source = "the base's model card (manifest.json), probe after stage (b)"
+        last = CONTINUED if manifest.get("parent") else "stage (b)"
+        source = f"the base's model card (manifest.json), probe after {last}"
     elif grounding is not None and ({"base", "base, in distribution"} & set(grounding.index)):
         row = "base" if "base" in grounding.index else "base, in distribution"
         g = grounding.loc[row]

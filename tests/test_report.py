@@ -394,3 +394,33 @@ def test_grounding_table_one_row_per_model_and_split(tmp_path):
     competence = report.competence_table(None, None, table)  # the base's bar reads the in-distribution row
     assert competence.iloc[0]["measured [95% interval] (count)"].startswith("90%")
     assert "row base, in distribution" in competence.iloc[0]["source"]
+
+
+def test_a_continued_release_shows_its_parent_then_its_own_stage(tmp_path):
+    """models/tiny-vla continues models/tiny-base: the book's tables show the parent's two stages (from the
+    parent's card), then the continued stage as stage (c), and the bar reads the probe after stage (c)."""
+    from types import SimpleNamespace
+
+    parent, child = tmp_path / "tiny-base", tmp_path / "tiny-vla"
+    parent.mkdir(), child.mkdir()
+    (parent / "manifest.json").write_text(json.dumps(manifest_literal(side_b=0.93)))
+    own = manifest_literal(side_b=0.91)
+    own.update(name="tiny-vla", parent=f"{parent}@0123456789abcdef",
+               probe_variant={"a": own["probe"]["b"] | {"side_accuracy": 0.6}, "b": own["probe"]["b"] | {
+                   "side_accuracy": 0.87}})
+    (child / "manifest.json").write_text(json.dumps(own))
+    manifest = report.base_release(SimpleNamespace(model=SimpleNamespace(checkpoint=str(child))))
+    assert manifest["parent_manifest"]["name"] == "tiny-base"
+    probes = report.base_probe_table(manifest)["side accuracy"]
+    assert probes.to_dict() == {"after stage (a) VLM": pytest.approx(float("nan"), nan_ok=True),
+                                "after stage (b) VLA": 0.93, "after stage (b) VLA, variant scenes": 0.6,
+                                "after stage (c) VLA, randomized scenes": 0.91,
+                                "after stage (c) VLA, randomized scenes, variant scenes": 0.87}
+    recipe = report.base_recipe_table(manifest)
+    assert list(recipe.index) == ["tiny-base: stage (a) VLM", "tiny-base: stage (b) VLA",
+                                  "tiny-base: base closed loop, in distribution",
+                                  "tiny-vla: stage (c) VLA, randomized scenes",
+                                  "tiny-vla: base closed loop, in distribution"]
+    bar = report.competence_table(None, manifest)
+    assert bar.iloc[0]["measured [95% interval] (count)"].startswith("91%")
+    assert "stage (c)" in bar.iloc[0]["source"]
