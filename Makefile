@@ -6,7 +6,7 @@
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
 #   make test                       the test suite (~5 min)
-#   make base                       re-make the released tiny base models/tiny-base (~70 min on 2 cores, resumable)
+#   make base                       re-make the released models/tiny-base, then models/tiny-vla (~90 min, resumable)
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
 #   TORCH=cu128 make book           a CUDA build of torch instead of the CPU one (GPU machines)

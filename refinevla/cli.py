@@ -3,6 +3,7 @@
 Examples:
     refinevla book                          # the embedded default, ending with the built book
     refinevla base --preset base            # re-make the released tiny base (models/tiny-base, ~1 h)
+    refinevla base --preset vla             # then the tiny VLA the study fine-tunes (models/tiny-vla)
     refinevla book --preset smoke -p lambda_reason 0.25
     refinevla train --preset default -p refinevla.steps 400
     refinevla train --help                  # the keys `train` reads, their defaults and what they accept
@@ -39,7 +40,8 @@ COMMANDS = {
     "evaluate": (("evaluate", "study"), "closed-loop evaluation of every arm, seed and split"),
     "attention": (("attention",), "attention maps and the attention-on-target score"),
     "base": (("data", "model", "vlm", "pretrain", "grounding", "evaluate"),
-             "pre-train the tiny base (two stages), probe it, evaluate it and release it (models/tiny-base)"),
+             "pre-train the tiny base (two stages) or continue a released one (the vla preset), probe it, evaluate it "
+             "and release it (models/tiny-base, models/tiny-vla)"),
     "all": (ALL_SECTIONS, "every stage in order: data, annotate, train, evaluate, attention"),
     "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
     "config": (ALL_SECTIONS, "print the resolved config"),

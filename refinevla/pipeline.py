@@ -139,7 +139,7 @@ def run_annotate(cfg: RunConfig, force=()):
 
 
 def base_model_dir(cfg: RunConfig) -> Path | str:
-    """The base every arm starts from: model.checkpoint (the released tiny base ``models/tiny-base``, found from any
+    """The base every arm starts from: model.checkpoint (the released tiny VLA ``models/tiny-vla``, found from any
     working directory, or a real checkpoint: paper scale), else the tiny base this run pre-trains itself."""
     from .release import resolve_checkpoint
 

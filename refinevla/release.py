@@ -175,14 +175,15 @@ def model_card(m: dict) -> str:
     row = lambda name, p: (f"| {name} | {p['n']} | {p['side_accuracy']:.3f} | {p['within_1cm']:.3f} | "
                            f"{p['exact']:.3f} | {' / '.join(f'{x:.2f}' for x in p['mae_cm'])} |")
     parent = m.get("parent", "")
-    names = {"a": f"the parent ({parent.split('@')[0]})" if parent else "stage (a)", "b": "stage (b)"}
+    names = {"a": f"the parent ({parent.split('@')[0]})" if parent else "stage (a)",
+             "b": "stage (c)" if parent else "stage (b)"}  # a continued release is the chain's third stage
     variant_rows = "".join("\n" + row(f"{names[k]}, variant scenes", pv[k]) for k in ("a", "b") if k in pv)
     threads = f"{m['environment']['threads']} thread" + ("s" if m['environment']['threads'] != 1 else "")
     if parent:
         intro = f"""A {m['architecture']} vision-language-action model, {m['parameters']['total']:,} parameters: the released
 base `{parent.split('@')[0]}` (manifest digest {parent.split('@')[-1]}: its own card says how it was pre-trained, as a
-VLM on referring expressions and then as a VLA on a robosuite mixture) trained further (refinevla.recipe, stage (b)
-continued) on the actions of a scripted-expert mixture with grounding questions mixed in. It plays the role SpatialVLA
+VLM on referring expressions and then as a VLA on a robosuite mixture) trained further in a third stage (c)
+(refinevla.recipe: stage (b) continued) on the actions of a scripted-expert mixture with grounding questions mixed in. It plays the role SpatialVLA
 plays in the paper: the pre-trained VLA that ReFineVLA fine-tunes (`model.checkpoint: models/{m['name']}` in the
 default preset). Made by `make base`; every number below comes from that run ({m['created']},
 {m['environment']['machine']}, torch {m['environment']['torch']}, {threads})."""
@@ -210,12 +211,12 @@ mixed in. It plays the role SpatialVLA plays in the paper: the pre-trained VLA t
 | stage | data | steps | batch | peak lr | schedule |
 |---|---|---|---|---|---|
 {stage_a}
-| (b) VLA | {m['data']['action_rows']} action frames of {sum(r['data']['pretrain_mix'].values())} expert episodes ({', '.join(f'{k} {v}' for k, v in r['data']['pretrain_mix'].items())}; seeds 30000+) + {m['data']['stage_b_grounding_rows']} questions (lambda {r['pretrain']['lambda_reason']}) | {r['pretrain']['steps']} | {r['pretrain']['batch_size']} | {r['pretrain']['lr']} | {r['pretrain']['warmup_steps']} warm-up, cosine to {r['pretrain']['min_lr_ratio']}x |
+| {'(c) VLA, randomized scenes' if parent else '(b) VLA'} | {m['data']['action_rows']} action frames of {sum(r['data']['pretrain_mix'].values())} expert episodes ({', '.join(f'{k} {v}' for k, v in r['data']['pretrain_mix'].items())}; seeds 30000+) + {m['data']['stage_b_grounding_rows']} questions (lambda {r['pretrain']['lambda_reason']}) | {r['pretrain']['steps']} | {r['pretrain']['batch_size']} | {r['pretrain']['lr']} | {r['pretrain']['warmup_steps']} warm-up, cosine to {r['pretrain']['min_lr_ratio']}x |
 
-Training time on {threads}: stage (a) {t['stage_a_s'] / 60:.1f} min, stage (b) {t['stage_b_s'] / 60:.1f} min;
+Training time on {threads}: {'probing the parent' if parent else 'stage (a)'} {t['stage_a_s'] / 60:.1f} min, {names['b']} {t['stage_b_s'] / 60:.1f} min;
 demonstrations {t['demonstrations_s'] / 60:.1f} min, frames {t['frames_s'] / 60:.1f} min, evaluation
 {t['evaluate_s'] / 60:.1f} min (total {t['total'] / 60:.1f} min, those of a resumed run count only their last part).
-Final training losses: stage (a) {last('vlm', 'loss'):.3f}, stage (b) action {last('vla', 'l_action'):.3f},
+Final training losses: {'' if parent else f"stage (a) {last('vlm', 'loss'):.3f}, "}{names['b']} action {last('vla', 'l_action'):.3f},
 grounding {last('vla', 'l_reason'):.3f}.
 
 ## Grounding probe (held-out frames, seeds {m['seeds']['grounding_probe'][0]}-{m['seeds']['grounding_probe'][1]})
@@ -225,7 +226,7 @@ to a side); within 1 cm: every axis; mean absolute error per axis (x ahead, y le
 | after | questions | side accuracy | within 1 cm | exact | MAE x / y / z (cm) |
 |---|---|---|---|---|---|
 {row(names['a'], pa)}
-{row('stage (b)', pb)}{variant_rows}
+{row(names['b'], pb)}{variant_rows}
 
 ## Closed loop
 The base acting alone (no fine-tuning) on {', '.join(s['tasks'])}, on the study's evaluation seeds:

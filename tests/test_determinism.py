@@ -54,10 +54,11 @@ def test_control_the_thread_count_torch_uses_changes_the_weights(one_thread, tmp
     assert pretrain_digest(tmp_path, "c", threads=2, env_threads=2) != one_thread
 
 
-@pytest.mark.parametrize("preset", ["default", "study", "base"])
+@pytest.mark.parametrize("preset", ["default", "study", "base", "vla"])
 def test_embedded_presets_pin_the_thread_count_of_every_training_stage(preset):
     cfg = resolve(preset)
-    # a preset that loads the released base trains only the fine-tunes; the base preset trains both stages of it
-    stages = (["vlm", "pretrain"] if preset == "base" else
+    # a preset that loads the released base trains only the fine-tunes; the base preset trains both stages of it,
+    # the vla preset its stage (b) again
+    stages = (["vlm", "pretrain"] if preset == "base" else ["pretrain"] if preset == "vla" else
               ["baseline", "refinevla"] + ([] if cfg.model.checkpoint else ["pretrain"]))
     assert [getattr(cfg, s).threads for s in stages] == [1] * len(stages), stages

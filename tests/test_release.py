@@ -1,6 +1,7 @@
-"""The released tiny base (refinevla.release, models/tiny-base): the folder is the one its manifest describes, a
-missing or altered file is named in one line before anything runs, the recipe reproduces the first steps of the
-released training bit for bit, and a small version of the recipe runs end to end and resumes after a kill."""
+"""The released tiny base and VLA (refinevla.release; models/tiny-base, models/tiny-vla): each folder is the one its
+manifest describes, a missing or altered file is named in one line before anything runs, the recipe reproduces the
+first steps of the released training bit for bit, and a small version of the recipe (both releases) runs end to end
+and resumes after a kill."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def cli_env():
 
 
 # ------------------------------------------------------------------------------------------------ the folder
-def test_the_committed_release_matches_its_manifest():
+@pytest.mark.parametrize("name", ["tiny-base", "tiny-vla"])
+def test_the_committed_release_matches_its_manifest(name):
+    RELEASE = REPO / "models" / name
     manifest = release.verify_release(RELEASE)
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "vla.json", "README.md"}
     size = sum(p.stat().st_size for p in RELEASE.iterdir())
@@ -41,10 +44,12 @@ def test_the_committed_release_matches_its_manifest():
 
 def test_the_default_preset_loads_the_release_and_keys_it_by_digest():
     cfg = resolve("default")
-    assert cfg.model.checkpoint == "models/tiny-base"
+    assert cfg.model.checkpoint == "models/tiny-vla"
     assert release.is_release(cfg.model.checkpoint)
     ident = release.checkpoint_id(cfg.model.checkpoint)
-    assert ident.startswith("models/tiny-base@") and len(ident.split("@")[1]) == 16
+    assert ident.startswith("models/tiny-vla@") and len(ident.split("@")[1]) == 16
+    parent = release.verify_release(cfg.model.checkpoint)["parent"]  # made from the committed base, as it is now
+    assert parent == release.checkpoint_id(resolve("vla").model.checkpoint) and parent.startswith("models/tiny-base@")
     assert release.checkpoint_id("IPEC-COMMUNITY/spatialvla-4b-224-pt") == "IPEC-COMMUNITY/spatialvla-4b-224-pt"
 
 
