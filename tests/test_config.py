@@ -148,7 +148,7 @@ def test_cross_field_rules_follow_the_model():
     cfg = config.resolve("study")  # every ablation arm of the study preset is valid, top_all included
     assert cfg.study.arms["top_all"]["model.tune_top_k_layers"] == config.SIZES[cfg.model.size]["text_layers"]
     with pytest.raises(config.ConfigError, match="study.arms.top_all.model.tune_top_k_layers=4"):
-        config.resolve("study", {"model_size": "micro"})
+        config.resolve("study", {"model_size": "micro", "checkpoint": ""})  # built here: its layers are known
     # the simulator seed ranges apply to robosuite only
     assert config.resolve("paper", {"evaluate.base_seed": 0}).evaluate.base_seed == 0
 
