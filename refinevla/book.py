@@ -20,59 +20,59 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import stages
+
 REPO = Path(__file__).resolve().parent.parent
-#: Execution order: the overview is written last (from the run's CSVs) but read first (TOC_NOTEBOOKS).
-NOTEBOOKS = ["01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention", "06_results", "00_overview"]
-TOC_NOTEBOOKS = ["00_overview", "01_data", "02_annotate", "03_finetune", "04_evaluate", "05_attention",
-                 "06_results"]
-#: The config sections each notebook's stage reads: its parameters cell lists exactly the aliases
-#: (config.ALIASES) that name a field of one of them, beside preset, run and overrides (tests/test_notebooks.py).
-NOTEBOOK_SECTIONS = {
-    "00_overview": [],
-    "01_data": ["data"],
-    "02_annotate": ["annotate"],
-    "03_finetune": ["model", "pretrain", "baseline", "refinevla", "study"],
-    "04_evaluate": ["evaluate", "study"],
-    "05_attention": ["attention"],
-    "06_results": [],
-}
+#: The pages that run no stage and read the run's results: name -> the stage folders they read (None: every stage's).
+#: The overview is written last (from the run's CSVs) but read first.
+READING_PAGES = {"06_results": None, "00_overview": ("train", "evaluate", "attention")}
+OVERVIEW = "00_overview"
+
+
+@dataclass(frozen=True)
+class Notebook:
+    """One notebook of the book: the config sections its stage reads (its parameters cell lists exactly the aliases,
+    config.ALIASES, that name a field of one of them, beside preset, run and overrides: tests/test_notebooks.py), the
+    stage folders it reads and those it writes. The markers of every stage under both are part of its skip key, the
+    outputs' recorded after it ran: when a stage is re-run from outside the book (a Papermill run of one notebook,
+    the CLI) with another config, the notebook that shows it no longer matches and runs again, so no page shows a
+    model or a number its run config did not make."""
+
+    name: str
+    sections: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    #: the command that runs its stage alone (the fix a failed notebook names); None: a page that runs no stage
+    command: str | None = None
+
+
+def notebooks() -> dict[str, Notebook]:
+    """Every notebook in execution order: each stage's (refinevla.stages), then the pages that read the results."""
+    run = [stage for stage in stages.run_stages() if stage.notebook]
+    every = tuple(folder for stage in run for folder in stage.outputs)
+    out = [Notebook(s.notebook, s.sections, s.inputs, s.outputs, s.name) for s in run]
+    out += [Notebook(name, (), every if reads is None else reads) for name, reads in READING_PAGES.items()]
+    return {nb.name: nb for nb in out}
+
+
+def toc_notebooks() -> list[str]:
+    """The notebooks in reading order: the overview first."""
+    return [OVERVIEW] + [name for name in notebooks() if name != OVERVIEW]
+
+
 #: The kernel the notebooks name (registered into the venv by `make lab` and by run_notebooks).
 KERNEL = "refinevla"
 KERNEL_DISPLAY = "Python (refinevla)"
-#: Stage folders (under the run) each notebook reads: the markers of every stage under them are part of its skip key.
-NOTEBOOK_INPUTS = {
-    "01_data": [],
-    "02_annotate": ["demos"],
-    "03_finetune": ["annotate", "demos_pretrain"],
-    "04_evaluate": ["train"],
-    "05_attention": ["train", "annotate"],
-    "06_results": ["demos", "demos_pretrain", "annotate", "train", "evaluate", "attention"],
-    "00_overview": ["train", "evaluate", "attention"],
-}
-#: Stage folders each notebook writes. Their markers are part of its key too, recorded after it ran: when a stage is
-#: re-run from outside the book (a Papermill run of one notebook, the CLI) with another config, the notebook that
-#: shows it no longer matches and runs again, so no page shows a model or a number its run config did not make.
-NOTEBOOK_OUTPUTS = {
-    "01_data": ["demos", "demos_pretrain"],
-    "02_annotate": ["annotate"],
-    "03_finetune": ["train"],
-    "04_evaluate": ["evaluate"],
-    "05_attention": ["attention"],
-    "06_results": [],
-    "00_overview": [],
-}
-#: Book pages around the notebooks, in reading order (None marks where the notebooks go).
+#: Book pages before and after the notebooks, in reading order.
 PAGES_BEFORE = ["book/intro", "book/method", "book/paper"]
 PAGES_AFTER = ["book/data_sources", "book/simplerenv", "book/limitations", "book/references"]
 SECRET_HINTS = ("OPENAI_API_KEY", "GEMINI_API_KEY", "HF_TOKEN")
 #: The run's log file (data/<run>/refinevla.log): the command line appends a failure's traceback to it, and the
 #: notebooks' kernels write their own messages (Jupyter's warnings, a crash) there instead of the terminal.
 LOG = "refinevla.log"
-#: The command that runs each notebook's stage alone (the fix a failed notebook names); None: a page runs no stage.
-NOTEBOOK_COMMANDS = {"01_data": "data", "02_annotate": "annotate", "03_finetune": "train", "04_evaluate": "evaluate",
-                     "05_attention": "attention", "06_results": None, "00_overview": None}
 
 
 class NotebookFailed(RuntimeError):
@@ -149,12 +149,12 @@ def disagreements(cfg) -> list[str]:
 
     out = []
     sections = pipeline.MODEL_SECTIONS + ("evaluate", "attention")
-    stages = []
+    made = []
     for arm, seed in pipeline.evaluated_units(cfg):
-        stages += [pipeline.model_key(cfg, arm, seed)] if arm != pipeline.ORACLE else []
-        stages.append((pipeline.evaluate_dir(cfg, arm, seed), pipeline.evaluate_key(cfg, arm, seed)))
-    stages.append((cfg.stage_dir("attention"), None))  # its key reads the models: computed only when it exists
-    for folder, expected in stages:
+        made += [pipeline.model_key(cfg, arm, seed)] if arm != pipeline.ORACLE else []
+        made.append((pipeline.evaluate_dir(cfg, arm, seed), pipeline.evaluate_key(cfg, arm, seed)))
+    made.append((cfg.stage_dir("attention"), None))  # its key reads the models: computed only when it exists
+    for folder, expected in made:
         marker = markers.read_marker(folder) if folder is not None else None
         if marker is None or any(f"{folder} was" in o for o in out):
             continue
@@ -227,12 +227,13 @@ def _package_hash() -> str:
 
 def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = REPO / "notebooks") -> str:
     """Hash of the notebook source, its parameters, the package code, and the markers of the stages it reads and
-    writes (NOTEBOOK_INPUTS, NOTEBOOK_OUTPUTS)."""
+    writes (``Notebook``)."""
     h = hashlib.sha256()
     h.update((Path(notebooks_dir) / f"{name}.ipynb").read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(_package_hash().encode())
-    for stage in NOTEBOOK_INPUTS[name] + NOTEBOOK_OUTPUTS.get(name, []):
+    nb = notebooks()[name]
+    for stage in nb.inputs + nb.outputs:
         markers = sorted((run_dir / stage).rglob("_done.json")) if (run_dir / stage).exists() else []
         for marker in markers:
             h.update(str(marker.relative_to(run_dir)).encode() + marker.read_bytes())
@@ -256,16 +257,17 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
     parameters = {"preset": preset, "run": run, **params}
     kernel = ensure_kernel()
     with open(run_dir / LOG, "a") as kernel_log:  # the kernels' own messages: the run's log, not the terminal
-        for name in tqdm(only or NOTEBOOKS, desc="notebooks"):
-            if name not in NOTEBOOKS:
-                raise ValueError(f"unknown notebook {name!r}; known: {NOTEBOOKS}")
+        known = notebooks()
+        for name in tqdm(only or list(known), desc="notebooks"):
+            if name not in known:
+                raise ValueError(f"unknown notebook {name!r}; known: {list(known)}")
             output = out_dir / f"{name}.ipynb"
             key_file = out_dir / f".{name}.key"
             key = notebook_key(name, parameters, run_dir, notebooks_dir)
             if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
                 print(f"{name}: unchanged since its last successful run, not re-run")
                 continue
-            if not NOTEBOOK_OUTPUTS.get(name):  # a page that only reads: it must not show results of other settings
+            if not known[name].outputs:  # a page that only reads: it must not show results of other settings
                 refuse_disagreeing(name, preset, run, params, root)
             key_file.unlink(missing_ok=True)
             print(f"{name}: running")
@@ -293,7 +295,7 @@ def _fixes(name: str, preset: str, run: str, params: dict, only) -> tuple[str, s
     """(what resumes a notebook that died or ran out of time: its stage alone, or the book again; what makes a
     missing or stale input when --only skipped the notebooks before it: the book without --only, else "")."""
     book = f"`{_command('book', preset, run, params)}`"
-    stage = NOTEBOOK_COMMANDS[name]
+    stage = notebooks()[name].command
     before = f"the notebooks before it with these parameters ({book} without --only)" if only else ""
     return (f"`{_command(stage, preset, run, params)}`" if stage else book), before
 
@@ -412,12 +414,12 @@ def write_toc(run_dir: Path, root_prefix: str) -> Path:
     executed notebooks stage by stage."""
     import yaml
 
-    notebooks = [f"{root_prefix}/notebooks/{n}" for n in TOC_NOTEBOOKS if n != "00_overview"]
+    pages = [f"{root_prefix}/notebooks/{n}" for n in toc_notebooks() if n != OVERVIEW]
     existing = [p for p in PAGES_AFTER if (REPO / f"{p}.md").exists()]
     toc = {"format": "jb-book", "root": PAGES_BEFORE[0], "parts": [
-        {"caption": "The result", "chapters": [{"file": f"{root_prefix}/notebooks/00_overview"}]},
+        {"caption": "The result", "chapters": [{"file": f"{root_prefix}/notebooks/{OVERVIEW}"}]},
         {"caption": "The paper", "chapters": [{"file": p} for p in PAGES_BEFORE[1:]]},
-        {"caption": "The study, stage by stage", "numbered": True, "chapters": [{"file": n} for n in notebooks]},
+        {"caption": "The study, stage by stage", "numbered": True, "chapters": [{"file": n} for n in pages]},
         {"caption": "More", "chapters": [{"file": p} for p in existing]},
     ]}
     path = run_dir / "_toc.yml"
@@ -495,10 +497,3 @@ def dedupe_scripts(html_dir: Path) -> int:
             fixed += 1
     return fixed
 
-
-def make_book(preset: str = "default", params: dict | None = None, run: str = "", force: bool = False,
-              root: str = "data") -> Path:
-    """Everything: notebooks through Papermill, then the book. Returns the built index.html."""
-    run = run or preset
-    run_notebooks(preset, params or {}, run=run, force=force, root=root)
-    return build_book(run, root=root)

@@ -28,24 +28,19 @@ from pathlib import Path
 
 import yaml
 
+from . import stages
 from .book import LOG
 from .config import SECTIONS as ALL_SECTIONS
 
-#: the config sections each command reads (its --help lists their keys, generated from the config dataclasses)
-COMMANDS = {
-    "data": (("data",), "record the demonstrations (fine-tuning set; pre-training mixture at the tiny scale)"),
-    "annotate": (("annotate",), "the teacher writes a rationale for every kept frame"),
-    "train": (("model", "pretrain", "baseline", "refinevla", "study"),
-              "pre-train the tiny base, then every fine-tune of the study"),
-    "evaluate": (("evaluate", "study"), "closed-loop evaluation of every arm, seed and split"),
-    "attention": (("attention",), "attention maps and the attention-on-target score"),
-    "base": (("data", "model", "vlm", "pretrain", "grounding", "evaluate"),
-             "pre-train the tiny base (two stages) or continue a released one (the vla preset), probe it, evaluate it "
-             "and release it (models/tiny-base, models/tiny-vla)"),
-    "all": (ALL_SECTIONS, "every stage in order: data, annotate, train, evaluate, attention"),
-    "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
-    "config": (ALL_SECTIONS, "print the resolved config"),
-}
+
+def commands() -> dict[str, tuple[tuple[str, ...], str]]:
+    """command -> (the config sections it reads: its --help lists their keys, from the config dataclasses; what it
+    does): one per declared stage (refinevla.stages), then all, book and config."""
+    out = {stage.name: (stage.sections, stage.help) for stage in stages.STAGES}
+    names = ", ".join(stage.name for stage in stages.run_stages())
+    return out | {"all": (ALL_SECTIONS, f"every stage in order: {names}"),
+                  "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
+                  "config": (ALL_SECTIONS, "print the resolved config")}
 
 
 def _params(pairs) -> dict:
@@ -73,32 +68,33 @@ def keys_help(sections) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import FORCE_NAMES
-
+    force_names = stages.force_names()
     parser = argparse.ArgumentParser(prog="refinevla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--preset", default="default", help="smoke | default | study | paper | base | vla (refinevla/presets/)")
     common.add_argument("--run", default="", help="run folder name under data/ (default: the preset's name)")
     common.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                         help="override a config key (an alias like lambda_reason, or section.field; see below)")
-    for name, (sections, text) in COMMANDS.items():
-        sub = commands.add_parser(name, parents=[common], help=text, description=text, epilog=keys_help(sections),
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, (sections, text) in commands().items():
+        stage = stages.by_name(name) if name in stages.names() else None
+        sub = subparsers.add_parser(name, parents=[common], help=text, description=text, epilog=keys_help(sections),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "book":
             sub.add_argument("--force", action="store_true", help="re-run every notebook")
             sub.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_evaluate)")
             sub.add_argument("--no-build", action="store_true", help="run the notebooks, skip jupyter-book")
             sub.add_argument("--cell-timeout", type=int, default=3600, metavar="SECONDS",
                              help="the longest a notebook cell may run (a stage's cell runs the whole stage)")
-        elif name == "base":
-            sub.add_argument("--force", action="append", choices=("base",), default=[], metavar="STAGE",
-                             help="base: re-make the base from scratch (the recorded demonstrations are kept)")
+        elif stage is not None and not stage.in_run:
+            sub.add_argument("--force", action="append", choices=stage.own_force, default=[], metavar="STAGE",
+                             help=f"{', '.join(stage.own_force)}: {stage.force_help}")
         elif name != "config":
-            sub.add_argument("--force", action="append", choices=FORCE_NAMES, default=[], metavar="STAGE",
+            parts = "; ".join(f"{s.name} = {' + '.join(s.parts)}" for s in stages.run_stages() if s.parts)
+            sub.add_argument("--force", action="append", choices=force_names, default=[], metavar="STAGE",
                              help="re-run STAGE from scratch even when its marker matches (repeatable; one of "
-                                  f"{', '.join(FORCE_NAMES)}; train = pretrain + finetune)")
+                                  f"{', '.join(force_names)}; {parts})")
     return parser
 
 
@@ -184,13 +180,12 @@ def _run(args, cfg) -> int:
     try:
         if args.command == "all":
             pipeline.run_all(cfg, force=args.force)
-        elif args.command == "base":
-            from .recipe import run_base
-
-            print(f"The base: {run_base(cfg, force=args.force)}")
         else:
-            result = pipeline.STAGES[args.command](cfg, force=args.force)
-            if hasattr(result, "to_string"):
+            stage = stages.by_name(args.command)
+            result = pipeline.runner(stage)(cfg, force=args.force)
+            if stage.result_line:
+                print(stage.result_line.format(result))
+            elif hasattr(result, "to_string"):
                 print(result.to_string())
     except ConfigError as error:
         return _fail(args.command, error, 2)

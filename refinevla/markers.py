@@ -5,10 +5,11 @@ A stage folder is finished when its ``_done.json`` holds the stage's key. The ke
 
 1. the config sections the stage reads;
 2. the markers of its input stages, so a stage re-runs when anything upstream re-ran;
-3. the code it runs (``code_hash``): the source of every ``refinevla`` module its entry modules in ``STAGE_CODE``
-   import, followed through every relative import (``from .x import``, ``from . import x``, including imports
-   inside functions, so the set is a superset of what runs), and the installed versions of the distributions the
-   stage depends on (torch, transformers, peft, robosuite, ...). Editing ``train.py`` re-runs the pre-training and
+3. the code it runs (``code_hash``): the source of every ``refinevla`` module its entry modules (``code`` in its
+   declaration, refinevla.stages) import, followed through every relative import (``from .x import``,
+   ``from . import x``, including imports inside functions, so the set is a superset of what runs), and the
+   installed versions of the distributions the stage depends on (its ``dists``: torch, transformers, peft,
+   robosuite, ...). Editing ``train.py`` re-runs the pre-training and
    the fine-tunes and what depends on them, not the demonstrations; upgrading robosuite re-runs the demonstrations
    and the evaluations.
 
@@ -16,8 +17,8 @@ A marker also lists every file the stage wrote, with its size and sha256 (refine
 stage up to date only when they are whole (else it names the damaged file in one line, moves it to
 ``<stage>/.damaged/`` and re-runs the stage), and ``require_current`` refuses a damaged input in one line.
 
-Not hashed: the orchestration and configuration modules (``ORCHESTRATION``: pipeline, markers, cli, config, book,
-report). What they hand a stage is its config, which the key covers; editing them re-runs nothing. Nor are the
+Not hashed: the orchestration and configuration modules (``ORCHESTRATION``: pipeline, markers, stages, cli, config,
+book, report). What they hand a stage is its config, which the key covers; editing them re-runs nothing. Nor are the
 Python version, CUDA, the GPU, or data files outside the package; ``refinevla <stage> --force STAGE`` re-runs a
 stage whatever its marker says.
 
@@ -36,6 +37,7 @@ uses a temporary name unique to the process. Multi-node runs need a shared file 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -47,25 +49,15 @@ from pathlib import Path
 
 from .config import config_hash
 from .integrity import DamagedFileError, damage, describe, manifest, set_aside
+from . import stages
 
 PACKAGE = Path(__file__).parent
 MARKER = "_done.json"
 REUSED = "_reused_from"
 LINK_MIN_BYTES = 1 << 20
-#: stage -> (entry modules of refinevla, distributions whose installed version the stage's results depend on)
-STAGE_CODE = {
-    "data": (("data", "lerobot", "sim", "experts", "scenes", "schema"),
-             ("numpy", "datasets", "robosuite", "mujoco", "pillow")),
-    "annotate": (("teacher",), ("datasets", "openai", "numpy", "pillow")),
-    "train": (("train", "model", "frozen", "tokens"),
-              ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "numpy", "safetensors")),
-    "evaluate": (("evaluate", "policy", "diagnostics", "stats"),
-                 ("torch", "transformers", "peft", "bitsandbytes", "robosuite", "mujoco", "numpy", "scipy")),
-    "base": (("recipe", "release", "grounding", "train", "model", "frozen", "tokens", "sim", "scenes", "teacher"),
-             ("torch", "transformers", "accelerate", "datasets", "numpy", "safetensors", "robosuite", "mujoco")),
-    "attention": (("attention", "policy"), ("torch", "transformers", "peft", "bitsandbytes", "numpy", "scipy")),
-}
-ORCHESTRATION = ("pipeline", "markers", "cli", "config", "book", "report", "__init__")
+#: the partial outputs a training stage resumes from when its key is unchanged (``start_stage``)
+RESUMED_TRAINING = ("ckpt", "metrics.jsonl")
+ORCHESTRATION = ("pipeline", "markers", "stages", "cli", "config", "book", "report", "__init__")
 
 
 class StaleInputError(RuntimeError):
@@ -73,6 +65,12 @@ class StaleInputError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- code hashes
+def stage_code() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """stage -> (entry modules of refinevla, distributions whose installed version the stage's results depend on),
+    as each stage declares them (refinevla.stages)."""
+    return {stage.name: (stage.code, stage.dists) for stage in stages.STAGES}
+
+
 _parsed: dict[tuple, list[str]] = {}
 
 
@@ -117,7 +115,7 @@ def _imports(path: Path, name: str, package_dir: Path) -> list[str]:
 def code_files(stage: str, package_dir: Path = PACKAGE) -> list[Path]:
     """The package source files a stage's key covers (its entry modules and everything they import)."""
     skip = {f"refinevla.{m}" for m in ORCHESTRATION} - {"refinevla.__init__"} | {"refinevla"}
-    todo = [f"refinevla.{m}" for m in STAGE_CODE[stage][0]]
+    todo = [f"refinevla.{m}" for m in stage_code()[stage][0]]
     seen, files = set(), {}
     while todo:
         name = todo.pop()
@@ -147,7 +145,7 @@ def installed_versions(dists) -> dict[str, str]:
 def pinned_code_hashes() -> dict[str, str]:
     """This process's code hashes, for the worker processes it starts (``pin_code_hashes``), so that one run
     labels every output with the code as it was when the run started."""
-    return {stage: code_hash(stage) for stage in STAGE_CODE}
+    return {stage: code_hash(stage) for stage in stage_code()}
 
 
 def pin_code_hashes(hashes: dict[str, str]) -> None:
@@ -172,7 +170,7 @@ def _code_hash(stage: str, package_dir: Path = PACKAGE) -> str:
     h = hashlib.sha256()
     for path in code_files(stage, package_dir):
         h.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(json.dumps(installed_versions(STAGE_CODE[stage][1]), sort_keys=True).encode())
+    h.update(json.dumps(installed_versions(stage_code()[stage][1]), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -186,7 +184,7 @@ def read_marker(stage_dir: Path) -> dict | None:
 
 
 def stage_key(section_cfgs, inputs=(), code: str | None = None) -> str:
-    """Hash of a stage's config sections, its input stages' markers and (``code``: a STAGE_CODE name) its code."""
+    """Hash of a stage's config sections, its input stages' markers and (``code``: a stage's name) its code."""
     upstream = [(read_marker(d) or {}).get("hash", "missing") for d in inputs]
     extra = [f"code:{code}:{code_hash(code)}"] if code else []
     return config_hash(*section_cfgs, *upstream, *extra)
@@ -255,7 +253,7 @@ def others_wait(out: Path, key: str, forced: bool, entered: float) -> bool:
     return True
 
 
-def start_stage(out: Path, key: str, partial=("ckpt", "metrics.jsonl"), fresh: bool = False,
+def start_stage(out: Path, key: str, partial=RESUMED_TRAINING, fresh: bool = False,
                 collective: bool = False) -> None:
     """Before (re)starting a stage (main process; in a ``collective`` stage, one every process takes part in, the
     others wait for it at ``barrier``): its partial outputs (checkpoints and metrics of a training stage, the
@@ -279,6 +277,37 @@ def start_stage(out: Path, key: str, partial=("ckpt", "metrics.jsonl"), fresh: b
         atomic_write(out / "_key", key)
     if collective:
         barrier(out, key)
+
+
+class StageRun:
+    """The bookkeeping every stage folder shares, for one call of a stage (``forced``: re-run whatever the markers
+    say): ``done`` (up to date, copied from another run, or left to the main process), then ``writing`` (start the
+    folder, run the body, write the marker last)."""
+
+    def __init__(self, cfg, forced: bool = False):
+        self.cfg, self.forced, self.entered = cfg, forced, time.time()
+
+    def done(self, out: Path, key: str, what: str, collective: bool = False) -> bool:
+        """Whether this process need not run the stage in ``out``: it is up to date or was copied from another run
+        folder; or, in a stage the main process runs alone, this process waited for the main one's marker. In a
+        ``collective`` stage (one every process trains in) all processes decide alike."""
+        found = ready(self.cfg.run_dir, out, key, self.forced, what)
+        if not collective:
+            return found or others_wait(out, key, self.forced, self.entered)
+        sync()  # every process decides alike (the main one may have copied the stage from another run)
+        return found or (not is_main() and not self.forced and is_done(out, key))
+
+    @contextlib.contextmanager
+    def writing(self, out: Path, key: str, partial=(), collective: bool = False):
+        """Start (or resume) the stage in ``out`` (start_stage), run the body, then write its marker with
+        the entries the body put into the dict it is given; in a ``collective`` stage the other processes then wait
+        for the main one (which saves the model after the last step)."""
+        start_stage(out, key, partial=partial, fresh=self.forced, collective=collective)
+        started, extra = time.time(), {}
+        yield extra
+        mark_done(out, key, self.cfg, started, **extra)
+        if collective:
+            others_wait(out, key, self.forced, self.entered)
 
 
 def _stale_checkpoint(out: Path, key: str) -> bool:

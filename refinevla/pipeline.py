@@ -7,8 +7,10 @@ A stage writes ``_done.json`` last; its key covers the stage's config, the marke
 runs (refinevla.markers), so a stage whose config, inputs and code did not change is skipped, and changing, say,
 ``lambda_reason`` re-runs the ReFineVLA fine-tunes and everything downstream of them, nothing else. A finished
 stage with the same key in another run folder under the same root is copied instead of recomputed.
-``force`` (``refinevla <stage> --force STAGE``; names in ``FORCE_NAMES``) re-runs a stage from scratch whatever
-its marker says; stages downstream of it re-run only if their key changes (force them too, or ``--force all``).
+``force`` (``refinevla <stage> --force STAGE``: a stage, a part of one, or "all"; ``stages.force_names``) re-runs
+a stage from scratch whatever its marker says; stages downstream of it re-run only if their key changes (force
+them too, or ``--force all``). The stages and their order are declared in refinevla.stages; each function here
+starts with ``stage_run`` and writes each of its folders through it (markers.StageRun).
 
 Before a stage deletes or writes anything it validates the whole config (``config.validate``) and checks that
 each input is the one the current config makes (its marker holds the key the current config expects): an
@@ -20,43 +22,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+import importlib
+import os
 from pathlib import Path
 
-from . import markers
-from .config import RunConfig
+from . import markers, stages
+from .config import RunConfig, validate as _validate  # the whole config, before a stage writes
 from .markers import (StaleInputError, is_done, is_main, mark_done, read_marker, require_current,  # noqa: F401
                       stage_key, start_stage)
+from .stages import sections_upstream
 
 VARIANTS = ("baseline", "refinevla")  # the main arms: fine-tuned on every study seed
 BASE = "base"        # the pre-trained base, evaluated without fine-tuning
 ORACLE = "oracle"    # ReFineVLA acting after the privileged teacher's rationale (robosuite only)
-#: what ``force`` may name: a stage, "pretrain" / "finetune" (the two halves of train), or "all"
 #: the config sections a model's training reads (what a refusal to use a stale model compares)
-MODEL_SECTIONS = ("data", "annotate", "model", "pretrain", "baseline", "refinevla", "study")
-FORCE_NAMES = ("data", "annotate", "pretrain", "finetune", "train", "evaluate", "attention", "all")
+MODEL_SECTIONS = sections_upstream("train")
 
 
 # ------------------------------------------------------------------------------------- plumbing
-def _clear_marker(stage_dir: Path) -> None:
-    markers.clear_marker(stage_dir)
-
-
 def _forced(force, name: str) -> bool:
-    force = set(force or ())
-    unknown = force - set(FORCE_NAMES)
+    """Whether ``force`` names the stage (or part of a stage) ``name``: itself, the stage it is part of, or "all"."""
+    force, known = set(force or ()), stages.force_names()
+    unknown = force - set(known)
     if unknown:
-        raise ValueError(f"force={sorted(unknown)}: expected stage names from {list(FORCE_NAMES)}")
-    return bool(force & {name, "all"} or (name in ("pretrain", "finetune") and "train" in force))
+        raise ValueError(f"force={sorted(unknown)}: expected stage names from {list(known)}")
+    whole = {stage.name for stage in stages.STAGES if name in stage.parts}
+    return bool(force & ({name, "all"} | whole))
 
 
-def _validate(cfg: RunConfig) -> None:
-    """The whole config is checked before a stage deletes or writes anything (config.validate)."""
-    from . import config
-
-    check = getattr(config, "validate", None)
-    if check is not None:
-        check(cfg)
+def stage_run(cfg: RunConfig, name: str, force=()) -> markers.StageRun:
+    """One call of the stage (or part of a stage) ``name``: the whole config validated first, whether it is forced."""
+    _validate(cfg)
+    return markers.StageRun(cfg, _forced(force, name))
 
 
 def _fix(cfg: RunConfig, command: str) -> str:
@@ -88,23 +85,18 @@ def run_data(cfg: RunConfig, force=()):
     scale the pre-training mixture -> demos_pretrain/dataset (its own seeds and tasks, no target masks)."""
     from .data import generate_demos, load_dataset_dir, load_source
 
-    _validate(cfg)
-    forced, entered = _forced(force, "data"), time.time()
+    run = stage_run(cfg, "data", force)
     if _has_pretrain_mixture(cfg):
         out, key = cfg.stage_dir("demos_pretrain"), _pretrain_data_key(cfg)
-        if not markers.ready(cfg.run_dir, out, key, forced, "data (pre-training mixture)") and not markers.others_wait(out, key, forced,
-                                                                                                 entered):
-            start_stage(out, key, partial=(), fresh=forced)
-            started = time.time()
-            ds = generate_demos(cfg.data, out, pretrain=True)
-            mark_done(out, key, cfg, started, rows=len(ds))
+        if not run.done(out, key, "data (pre-training mixture)"):
+            with run.writing(out, key) as marker:
+                marker["rows"] = len(generate_demos(cfg.data, out, pretrain=True))
     out, key = demos_dir(cfg), _data_key(cfg)
-    if markers.ready(cfg.run_dir, out, key, forced, "data") or markers.others_wait(out, key, forced, entered):
+    if run.done(out, key, "data"):
         return load_dataset_dir(out / "dataset")
-    start_stage(out, key, partial=(), fresh=forced)
-    started = time.time()
-    ds = load_source(cfg.data, out)
-    mark_done(out, key, cfg, started, rows=len(ds))
+    with run.writing(out, key) as marker:
+        ds = load_source(cfg.data, out)
+        marker["rows"] = len(ds)
     return ds
 
 
@@ -122,19 +114,17 @@ def run_annotate(cfg: RunConfig, force=()):
     from .data import load_dataset_dir
     from .teacher import annotate
 
-    _validate(cfg)
-    forced, entered = _forced(force, "annotate"), time.time()
+    run = stage_run(cfg, "annotate", force)
     out, src, key = cfg.stage_dir("annotate"), demos_dir(cfg), _annotate_key(cfg)
-    require_current(cfg, src, _data_key(cfg), "annotate", _fix(cfg, "data"), ("data",))  # inputs first, always
-    if markers.ready(cfg.run_dir, out, key, forced, "annotate") or markers.others_wait(out, key, forced, entered):
+    require_input(cfg, "demos", "annotate")  # inputs first, always
+    if run.done(out, key, "annotate"):
         return load_dataset_dir(out / "dataset")
     acfg = _annotate_config(cfg)
     if acfg.dry_run:  # the estimate is printed, nothing is sent or written
         return annotate(load_dataset_dir(src / "dataset"), acfg, out)
-    start_stage(out, key, partial=(), fresh=forced)
-    started = time.time()
-    ds = annotate(load_dataset_dir(src / "dataset"), acfg, out)
-    mark_done(out, key, cfg, started, rows=len(ds))
+    with run.writing(out, key) as marker:
+        ds = annotate(load_dataset_dir(src / "dataset"), acfg, out)
+        marker["rows"] = len(ds)
     return ds
 
 
@@ -175,29 +165,24 @@ def run_pretrain(cfg: RunConfig, force=()) -> Path | str:
     from .data import load_dataset_dir
     from .train import pretrain_base, split_heldout
 
-    _validate(cfg)
+    run = stage_run(cfg, "pretrain", force)
     if cfg.model.checkpoint:
         print(f"pretrain: using the pre-trained checkpoint {_checkpoint_id(cfg)}")
         return base_model_dir(cfg)
-    forced, entered = _forced(force, "pretrain"), time.time()
     out, key = cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg)
     src, target = _pretrain_inputs(cfg)
     if src != target:
-        require_current(cfg, src, _pretrain_data_key(cfg), "pretrain", _fix(cfg, "data"), ("data",))
-    require_current(cfg, target, _annotate_key(cfg), "pretrain", _fix(cfg, "annotate"), ("data", "annotate"))
-    ready = markers.ready(cfg.run_dir, out, key, forced, "pretrain")
-    markers.sync()  # every process decides alike (the main one may have copied the stage from another run)
-    if ready or (not is_main() and not forced and is_done(out, key)):
+        require_input(cfg, "demos_pretrain", "pretrain")
+    require_input(cfg, "annotate", "pretrain")
+    if run.done(out, key, "pretrain", collective=True):
         return out / "model"
-    start_stage(out, key, fresh=forced, collective=True)
-    started = time.time()
-    annotated = load_dataset_dir(target / "dataset")
-    texts = list(dict.fromkeys(list(annotated["instruction"]) + list(annotated["rationale_text"])))
-    frames = split_heldout(annotated, cfg.data.heldout_every)[0] if src == target else load_dataset_dir(src / "dataset")
-    path = pretrain_base(frames, cfg.model, cfg.pretrain, out, texts=texts,
-                         heldout=split_heldout(annotated, cfg.data.heldout_every)[1])
-    mark_done(out, key, cfg, started)
-    markers.others_wait(out, key, forced, entered)  # the main process saves the model after the last step
+    with run.writing(out, key, partial=markers.RESUMED_TRAINING, collective=True):
+        annotated = load_dataset_dir(target / "dataset")
+        texts = list(dict.fromkeys(list(annotated["instruction"]) + list(annotated["rationale_text"])))
+        frames = (split_heldout(annotated, cfg.data.heldout_every)[0] if src == target
+                  else load_dataset_dir(src / "dataset"))
+        path = pretrain_base(frames, cfg.model, cfg.pretrain, out, texts=texts,
+                             heldout=split_heldout(annotated, cfg.data.heldout_every)[1])
     return path
 
 
@@ -242,30 +227,25 @@ def run_finetune(cfg: RunConfig, arm: str, seed: int | None = None, force=()) ->
     from .schema import BASE_COLUMNS
     from .train import finetune
 
-    _validate(cfg)
+    run = stage_run(cfg, "finetune", force)
     seed = cfg.study.seeds[0] if seed is None else seed
     tcfg, mcfg = arm_configs(cfg, arm, seed)
-    forced, entered = _forced(force, "finetune"), time.time()
     out, src, key = train_dir(cfg, arm, seed), cfg.stage_dir("annotate"), _finetune_key(cfg, arm, seed)
     _require_finetune_inputs(cfg, f"{arm} seed {seed}")
-    if markers.ready(cfg.run_dir, out, key, forced, f"{arm} seed {seed}"):
+    # run_train has already met the other processes and left out the fine-tunes that are done
+    if markers.ready(cfg.run_dir, out, key, run.forced, f"{arm} seed {seed}"):
         return out / "model"
-    start_stage(out, key, fresh=forced, collective=True)
-    started = time.time()
-    required = BASE_COLUMNS + (("rationale_text", "rationale") if tcfg.use_rationale else ())
-    path = finetune(load_dataset_dir(src / "dataset", required), base_model_dir(cfg), mcfg, tcfg, out,
-                    cfg.data.heldout_every)
-    mark_done(out, key, cfg, started)
-    markers.others_wait(out, key, forced, entered)
+    with run.writing(out, key, partial=markers.RESUMED_TRAINING, collective=True):
+        required = BASE_COLUMNS + (("rationale_text", "rationale") if tcfg.use_rationale else ())
+        path = finetune(load_dataset_dir(src / "dataset", required), base_model_dir(cfg), mcfg, tcfg, out,
+                        cfg.data.heldout_every)
     return path
 
 
 def _require_finetune_inputs(cfg: RunConfig, what: str) -> None:
-    require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), what, _fix(cfg, "annotate"),
-                    ("data", "annotate"))
+    require_input(cfg, "annotate", what)
     if not cfg.model.checkpoint:
-        require_current(cfg, cfg.stage_dir("train", "pretrain"), _pretrain_key(cfg), what, _fix(cfg, "train"),
-                        ("model", "pretrain"))
+        require_input(cfg, "train/pretrain", what)
 
 
 def run_train(cfg: RunConfig, force=()) -> dict:
@@ -282,8 +262,8 @@ def run_train(cfg: RunConfig, force=()) -> dict:
     _require_finetune_inputs(cfg, "train")
     runs = trained_arms(cfg)
     forced = _forced(force, "finetune")
-    todo = [(arm, seed) for arm, seed in runs
-            if not markers.ready(cfg.run_dir, train_dir(cfg, arm, seed), _finetune_key(cfg, arm, seed), forced, f"{arm} seed {seed}")]
+    todo = [(arm, seed) for arm, seed in runs if not markers.ready(
+        cfg.run_dir, train_dir(cfg, arm, seed), _finetune_key(cfg, arm, seed), forced, f"{arm} seed {seed}")]
     markers.sync()  # every process trains the same list (the main one may have copied some from another run)
     if not is_main() and not forced:
         todo = [(a, s) for a, s in todo if not is_done(train_dir(cfg, a, s), _finetune_key(cfg, a, s))]
@@ -302,15 +282,11 @@ def run_train(cfg: RunConfig, force=()) -> dict:
 
 def _worker(code_hashes: dict) -> None:
     """A fine-tune worker: one torch thread, and the parent's code hashes (the keys of one run agree)."""
-    import os
-
     os.environ["OMP_NUM_THREADS"] = "1"
     markers.pin_code_hashes(code_hashes)
 
 
 def _parallel_finetunes(cfg: RunConfig, n: int) -> int:
-    import os
-
     import torch
 
     if markers.world_size() > 1:
@@ -398,9 +374,8 @@ def run_evaluate(cfg: RunConfig, units=None, force=()):
     from .evaluate import evaluate, read_records, validate
     from .stats import comparison_table, success_table
 
-    _validate(cfg)
+    run = stage_run(cfg, "evaluate", force)
     validate(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
-    forced, entered = _forced(force, "evaluate"), time.time()
     units = list(units or evaluated_units(cfg))
     trained_keys = {(arm, seed): _require_model(cfg, arm, seed) for arm, seed in units}
     frames, checks = [], []
@@ -408,19 +383,18 @@ def run_evaluate(cfg: RunConfig, units=None, force=()):
         out = evaluate_dir(cfg, arm, seed)
         model_dir, reasoning = _unit_model(cfg, arm, seed)
         key = evaluate_key(cfg, arm, seed)
-        if not markers.ready(cfg.run_dir, out, key, forced, f"evaluate {arm} seed {seed}") and not markers.others_wait(out, key, forced,
-                                                                                                 entered):
+        if not run.done(out, key, f"evaluate {arm} seed {seed}"):
             how = " (acts on the teacher's rationale)" if arm == ORACLE else \
                 " (writes its rationale before acting)" if reasoning else ""
             print(f"evaluate {arm} seed {seed}{how}")
-            start_stage(out, key, partial=("episodes.jsonl",), fresh=forced)  # another model's episodes: deleted
-            started = time.time()
-            if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale for unseen frames?
-                _rationale_check(cfg, model_dir, out)
-            factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE,
-                                     unnorm_key=cfg.model.unnorm_key)
-            evaluate(factory, cfg.evaluate, out)  # every backend: robosuite, SimplerEnv, ManiSkill3
-            mark_done(out, key, cfg, started, model=str(model_dir), model_key=trained_keys[(arm, seed)])
+            # another model's episodes are deleted, never resumed
+            with run.writing(out, key, partial=("episodes.jsonl",)) as marker:
+                if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale for unseen frames?
+                    _rationale_check(cfg, model_dir, out)
+                factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE,
+                                         unnorm_key=cfg.model.unnorm_key)
+                evaluate(factory, cfg.evaluate, out)  # every backend: robosuite, SimplerEnv, ManiSkill3
+                marker.update(model=str(model_dir), model_key=trained_keys[(arm, seed)])
         records = pd.DataFrame(read_records(out / "episodes.jsonl"))
         if "split" not in records:
             records["split"] = "in_distribution"
@@ -472,36 +446,33 @@ def run_attention(cfg: RunConfig, force=()):
     grounding probe ("where is the red cube" on held-out frames, refinevla.grounding) of the base and of every
     baseline and ReFineVLA fine-tune -> attention/grounding.csv. The models are checked like the evaluation's, and
     the marker records their training keys."""
-    from .attention import run_attention as attention_stage
+    from .attention import run_attention as attention_maps
     from .data import load_dataset_dir
 
-    _validate(cfg)
+    run = stage_run(cfg, "attention", force)
     if cfg.model.base != "paligemma":  # attention is read out of the PaliGemma-path models only (refinevla.bases)
         print(f"attention: model.base={cfg.model.base} (a remote-code base): the attention stage reads PaliGemma-path "
               "models only; skipped")
         return None
-    forced, entered = _forced(force, "attention"), time.time()
     out, seed = cfg.stage_dir("attention"), cfg.study.seeds[0]
     probed = _probed_arms(cfg)
     key = attention_key(cfg)
-    require_current(cfg, cfg.stage_dir("annotate"), _annotate_key(cfg), "attention", _fix(cfg, "annotate"),
-                    ("data", "annotate"))
+    require_input(cfg, "annotate", "attention")
     trained_keys = {f"{v} seed {s}": _require_model(cfg, v, s, "attention") for v, s in probed}  # before "up to date"
-    if markers.ready(cfg.run_dir, out, key, forced, "attention") or markers.others_wait(out, key, forced, entered):
+    if run.done(out, key, "attention"):
         import pandas as pd
         return pd.read_csv(out / "scores.csv")
-    start_stage(out, key, partial=(), fresh=forced)
-    started = time.time()
-    models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
-    table = attention_stage(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
-    if cfg.attention.grounding_frames and cfg.data.source == "robosuite":
-        from .grounding import probe_models
+    with run.writing(out, key) as marker:
+        models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
+        table = attention_maps(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
+        if cfg.attention.grounding_frames and cfg.data.source == "robosuite":
+            from .grounding import probe_models
 
-        probed_models = {"base": base_model_dir(cfg)} | {f"{v} seed {s}": train_dir(cfg, v, s) / "model"
-                                                         for v, s in probed}
-        probe_models(probed_models, cfg.attention.grounding_frames, cfg.evaluate.tasks, cfg.data.image_size,
-                     cfg.data.camera, splits=cfg.evaluate.splits).to_csv(out / "grounding.csv", index=False)
-    mark_done(out, key, cfg, started, model_keys=trained_keys)
+            probed_models = {"base": base_model_dir(cfg)} | {f"{v} seed {s}": train_dir(cfg, v, s) / "model"
+                                                             for v, s in probed}
+            probe_models(probed_models, cfg.attention.grounding_frames, cfg.evaluate.tasks, cfg.data.image_size,
+                         cfg.data.camera, splits=cfg.evaluate.splits).to_csv(out / "grounding.csv", index=False)
+        marker["model_keys"] = trained_keys
     return table
 
 
@@ -510,11 +481,39 @@ def stage_times(cfg: RunConfig) -> "pd.DataFrame":  # noqa: F821
     return markers.stage_times(cfg.run_dir)
 
 
-STAGES = {"data": run_data, "annotate": run_annotate, "train": run_train, "evaluate": run_evaluate,
-          "attention": run_attention}
+# ------------------------------------------------------------------------------------------ inputs
+#: the run folders a stage reads from an earlier stage: folder -> (its key, the command that makes it, the config
+#: sections a refusal compares)
+_INPUTS = {
+    "demos": (_data_key, "data", sections_upstream("data")),
+    "demos_pretrain": (_pretrain_data_key, "data", sections_upstream("data")),
+    "annotate": (_annotate_key, "annotate", sections_upstream("annotate")),
+    "train/pretrain": (_pretrain_key, "train", ("model", "pretrain")),
+}
+
+
+def require_input(cfg: RunConfig, folder: str, what: str) -> dict:
+    """The marker of the run folder ``folder`` if it holds the key the current config gives (and its files are
+    whole); else a one-line StaleInputError naming the command that makes it (markers.require_current)."""
+    key, command, sections = _INPUTS[folder]
+    return require_current(cfg, cfg.stage_dir(*folder.split("/")), key(cfg), what, _fix(cfg, command), sections)
+
+
+def runner(stage: stages.Stage):
+    """The function that runs a declared stage: ``stage.runner`` (a function, or "module:function" of this
+    package), else this module's ``run_<name>``."""
+    if callable(stage.runner):
+        return stage.runner
+    module, _, name = (stage.runner or f"pipeline:run_{stage.name}").partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+#: name -> function of every stage of the run, in order (``runner``)
+STAGES = {stage.name: globals()[f"run_{stage.name}"] for stage in stages.run_stages()}
 
 
 def run_all(cfg: RunConfig, force=()) -> None:
-    for name, fn in STAGES.items():
-        print(f"== {name}")
-        fn(cfg, force=force)
+    """Every stage of the run, in the declared order (refinevla.stages)."""
+    for stage in stages.run_stages():
+        print(f"== {stage.name}")
+        runner(stage)(cfg, force=force)

@@ -91,8 +91,8 @@ def test_toc_puts_the_overview_first_then_the_paper_then_the_stages(tmp_path):
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
     assert files[0] == "data/myrun/notebooks/00_overview"            # the first page after the intro
     assert files.index("book/method") < files.index("data/myrun/notebooks/01_data")
-    assert [f.rsplit("/", 1)[1] for f in files if "/notebooks/" in f] == book.TOC_NOTEBOOKS
-    assert book.NOTEBOOKS[-1] == "00_overview"  # executed last: it reads every stage's outputs
+    assert [f.rsplit("/", 1)[1] for f in files if "/notebooks/" in f] == book.toc_notebooks()
+    assert list(book.notebooks())[-1] == "00_overview"  # executed last: it reads every stage's outputs
 
 
 def test_parameters_cells_are_hidden_in_the_executed_copy(run_root):

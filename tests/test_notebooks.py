@@ -40,21 +40,21 @@ def parameters_cell(name: str):
 def test_one_source_per_notebook():
     """The .ipynb files are the source: no generator that would overwrite a student's edit, no stray copies."""
     assert not (REPO / "scripts" / "make_notebooks.py").exists()
-    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(book.NOTEBOOKS)
-    assert sorted(book.TOC_NOTEBOOKS) == sorted(book.NOTEBOOKS) == sorted(book.NOTEBOOK_SECTIONS)
-    for name in book.NOTEBOOKS:  # committed without outputs
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(book.notebooks())
+    assert sorted(book.toc_notebooks()) == sorted(book.notebooks())
+    for name in book.notebooks():  # committed without outputs
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
 
 
-@pytest.mark.parametrize("name", book.NOTEBOOKS)
+@pytest.mark.parametrize("name", list(book.notebooks()))
 def test_parameters_cell_lists_the_aliases_its_stage_reads(name):
     """Each parameters cell holds preset, run, overrides and exactly the aliases (config.ALIASES) that name a field
-    of a section its notebook's stage reads (book.NOTEBOOK_SECTIONS); Papermill infers every one of them."""
+    of a section its notebook's stage reads (book.notebooks(): its stage's declaration); Papermill infers every one of them."""
     _, cell = parameters_cell(name)
     inferred = set(inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb")))
     assigned = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M))
-    sections = set(book.NOTEBOOK_SECTIONS[name])
+    sections = set(book.notebooks()[name].sections)
     expected = ALWAYS | {a for a in config.ALIASES if alias_sections(a) & sections}
     assert assigned == expected, f"{name}: missing {expected - assigned}, not an alias of its stage {assigned - expected}"
     assert inferred == assigned, f"{name}: Papermill cannot parse {assigned - inferred}"
@@ -66,7 +66,7 @@ def test_parameters_cell_lists_the_aliases_its_stage_reads(name):
 
 def test_every_alias_reaches_a_notebook():
     listed = set()
-    for name in book.NOTEBOOKS:
+    for name in book.notebooks():
         listed |= set(inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb")))
     assert set(config.ALIASES) <= listed, f"aliases no notebook takes: {set(config.ALIASES) - listed}"
 
@@ -81,7 +81,7 @@ def test_papermill_help_notebook_lists_every_parameter():
         assert listed == set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M)), (name, out)
 
 
-@pytest.mark.parametrize("name", book.NOTEBOOKS)
+@pytest.mark.parametrize("name", list(book.notebooks()))
 def test_notebook_names_the_project_kernel_and_opens_the_run_first(name):
     nb, cell = parameters_cell(name)
     assert nb.metadata["kernelspec"]["name"] == book.KERNEL

@@ -104,10 +104,10 @@ def test_second_run_skips_unchanged_notebooks(built):
                            "-p", "lambda_reason", "0.3", "--no-build"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from refinevla.book import NOTEBOOKS
+    from refinevla.book import notebooks
 
     ran = [line for line in proc.stdout.splitlines() if line.endswith(": running")]
-    assert proc.stdout.count("not re-run") == len(NOTEBOOKS), ran
+    assert proc.stdout.count("not re-run") == len(notebooks()), ran
 
 
 @pytest.mark.timeout(600)

@@ -126,17 +126,17 @@ def _package_copy(tmp_path) -> Path:
 
 def test_a_stage_key_covers_the_modules_the_stage_imports_and_no_other(tmp_path):
     pkg = _package_copy(tmp_path)
-    names = {s: {p.relative_to(pkg).as_posix() for p in markers.code_files(s, pkg)} for s in markers.STAGE_CODE}
+    names = {s: {p.relative_to(pkg).as_posix() for p in markers.code_files(s, pkg)} for s in markers.stage_code()}
     assert {"train.py", "model.py", "tokens.py", "frozen.py"} <= names["train"]
     assert {"evaluate.py", "policy.py"} <= names["evaluate"] and "data.py" in names["data"]
     for stage in names:  # the orchestration hands a stage its config, which the key hashes already
         assert not names[stage] & {"pipeline.py", "markers.py", "cli.py", "config.py", "book.py", "report.py"}
-    before = {s: markers.code_hash(s, pkg) for s in markers.STAGE_CODE}
+    before = {s: markers.code_hash(s, pkg) for s in markers.stage_code()}
     with open(pkg / "train.py", "a") as fh:
         fh.write("\n# an edit\n")
     assert markers.code_hash("train", pkg) == before["train"]  # a running process keeps the code it started with
     markers._code_hash.cache_clear()
-    after = {s: markers.code_hash(s, pkg) for s in markers.STAGE_CODE}
+    after = {s: markers.code_hash(s, pkg) for s in markers.stage_code()}
     changed = {s for s in before if before[s] != after[s]}
     assert changed == {s for s in names if "train.py" in names[s]} and "train" in changed and "data" not in changed
 
@@ -366,3 +366,52 @@ def test_a_page_names_its_models_settings_and_says_when_the_stored_run_disagrees
     assert book.disagreements(other_attention) == [
         f"{other_attention.run_dir}/attention was made under other parameters (attention.frames_per_task: 2 there, "
         "3 now)"]
+
+
+# ------------------------------------------------------------------------------ a stage is one declaration
+def test_a_toy_stage_added_with_one_declaration_is_run_forced_keyed_helped_and_paged(tmp_path, stand_ins, monkeypatch,
+                                                                                     capsys):
+    """One Stage in refinevla.stages (and its function) is all the pipeline, the command line, the stage keys and
+    the book need to know of a new stage."""
+    from refinevla import book, stages
+
+    def run_toy(cfg, force=()):
+        run = pipeline.stage_run(cfg, "toy", force)
+        pipeline.require_input(cfg, "annotate", "toy")
+        out = cfg.stage_dir("toy")
+        key = markers.stage_key([cfg.study.seeds], [cfg.stage_dir("annotate")], code="toy")
+        if run.done(out, key, "toy"):
+            return "up to date"
+        with run.writing(out, key) as marker:
+            stand_ins.calls.append(("toy", cfg.name, ""))
+            (out / "toy.txt").write_text("made")
+            marker["rows"] = 1
+        return "made"
+
+    toy = stages.Stage("toy", "a toy stage that reads the rationales", sections=("study",), code=("stats",),
+                       dists=("numpy",), outputs=("toy",), inputs=("annotate",), notebook="07_toy", runner=run_toy)
+    monkeypatch.setattr(stages, "STAGES", stages.STAGES + (toy,))
+
+    cfg = smoke(tmp_path)
+    pipeline.run_all(cfg)
+    assert [s for s, _ in stand_ins.stages()][-2:] == ["attention", "toy"]  # after the declared stages before it
+    marker = markers.read_marker(cfg.stage_dir("toy"))
+    assert marker["rows"] == 1 and "toy.txt" in str(marker["files"])
+    assert (cfg.stage_dir("toy") / "config.yaml").exists()
+    stand_ins.calls.clear()
+    pipeline.run_all(cfg)
+    assert stand_ins.stages() == []  # its key did not change: up to date like every other stage
+    assert cli.main(["toy", "--preset", "smoke", "--run", "smoke", "-p", "root", cfg.root, "--force", "toy"]) == 0
+    assert stand_ins.stages() == [("toy", "")]
+    capsys.readouterr()
+
+    assert "toy" in stages.force_names() and stages.force_names()[-1] == "all"
+    assert {p.name for p in markers.code_files("toy")} >= {"stats.py"} and "toy" in markers.pinned_code_hashes()
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "--help"])
+    out = capsys.readouterr().out
+    assert "a toy stage that reads the rationales" in out and "study.seeds" in out and "annotate.model" not in out
+    assert "07_toy" in book.notebooks() and book.notebooks()["07_toy"].inputs == ("annotate",)
+    assert "toy" in book.notebooks()["06_results"].inputs  # the results page reads every stage's folders
+    assert book.toc_notebooks()[0] == "00_overview" and "07_toy" in book.toc_notebooks()
+    assert stages.sections_upstream("toy") == ("data", "annotate", "study")
