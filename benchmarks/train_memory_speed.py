@@ -53,7 +53,7 @@ from results_file import library_versions, write_result  # benchmarks/results_fi
 
 HERE = Path(__file__).resolve().parent
 SIZE = "bench50m"
-TARGET_PEAK_RATIO = 0.4  # issue #4: the 4-bit variant's peak at most 0.4 x the fp32 one
+TARGET_PEAK_RATIO = 0.4  # the target: the 4-bit variant's peak at most 0.4 x the fp32 one
 TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 INSTRUCTIONS = ["pick up the red cube", "put the carrot on the plate", "stack the green block on the yellow block"]
 RATIONALE = ("observation : the gripper is above the table and the cube is to the left . situation : the gripper "

@@ -2,7 +2,7 @@
 
 Examples:
     refinevla book                          # the embedded default, ending with the built book
-    refinevla base --preset base            # re-make the released tiny base (models/tiny-base, ~1 h)
+    refinevla base --preset base            # re-make the released tiny base (models/tiny-base, ~70 min)
     refinevla base --preset vla             # then the tiny VLA the study fine-tunes (models/tiny-vla)
     refinevla book --preset smoke -p lambda_reason 0.25
     refinevla train --preset default -p refinevla.steps 400

@@ -1,5 +1,5 @@
 """Checkpoints that survive a corrupt file: the previous one is kept, a truncated one is named and skipped, the
-metrics have no repeated step after the resume (refinevla.checkpoints; issue #16, items 5 and 6).
+metrics have no repeated step after the resume (refinevla.checkpoints).
 
     .venv/bin/pytest tests/test_checkpoints.py -q
 

@@ -75,7 +75,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: (override, the key the error must name) -- the hostile values of issue #16 first, then one per kind of rule.
+#: (override, the key the error must name) -- hostile values first, then one per kind of rule.
 HOSTILE = [
     ({"episodes_per_task": "-1"}, "evaluate.episodes_per_task"),
     ({"tune_top_k_layers": "9"}, "model.tune_top_k_layers"),      # smoke's micro model has 2 decoder layers
@@ -160,7 +160,7 @@ def test_unknown_keys_are_config_errors_and_key_errors():
 
 
 def test_a_bad_value_stops_the_cli_before_any_stage_deletes_anything(tmp_path):
-    """`refinevla evaluate -p episodes_per_task -1` used to delete a finished evaluation before failing (#16)."""
+    """`refinevla evaluate -p episodes_per_task -1` must fail before it deletes a finished evaluation."""
     finished = tmp_path / "run" / "evaluate" / "baseline" / "episodes.jsonl"
     finished.parent.mkdir(parents=True)
     finished.write_text('{"task": "pick_cube", "split": "in_distribution", "seed": 12000}\n')
@@ -183,7 +183,7 @@ def test_config_command_prints_each_preset(preset, capsys):
 
 
 def test_config_command_imports_no_torch_and_answers_at_once():
-    """`refinevla config` imports the stage configs without torch, transformers or datasets (#18)."""
+    """`refinevla config` imports the stage configs without torch, transformers or datasets (it answers at once)."""
     code = ("import sys, time; t = time.perf_counter(); from refinevla import cli; cli.main(['config', '--preset', "
             "'paper']); print('WALL', time.perf_counter() - t); print('HEAVY', sorted(m for m in sys.modules if "
             "m.split('.')[0] in ('torch', 'transformers', 'datasets', 'openai', 'robosuite', 'peft', 'pandas')))")

@@ -1,4 +1,4 @@
-"""Damaged files are found before they are trusted (issue #33): a real smoke-preset run, cut down to one seed and
+"""Damaged files are found before they are trusted: a real smoke-preset run, cut down to one seed and
 two arms, is made once; each case damages one file of a copy of it and runs the command a user would.
 
     .venv/bin/pytest tests/test_damage.py -q      (about 3 minutes: the run, then one stage per case)

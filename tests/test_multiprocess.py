@@ -1,5 +1,5 @@
 """Several processes, as under `accelerate launch`: only the main process writes markers, config.yaml and stage
-outputs; the others take part in training and wait for the markers of the rest (refinevla.markers; issue #15.3).
+outputs; the others take part in training and wait for the markers of the rest (refinevla.markers).
 
     .venv/bin/pytest tests/test_multiprocess.py -q
 

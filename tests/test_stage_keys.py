@@ -1,5 +1,5 @@
 """Stage keys that cover the code, --force, reuse of finished stages across run folders, stale inputs refused,
-validation before deletion (refinevla.pipeline, refinevla.markers, refinevla.cli; issue #16).
+validation before deletion (refinevla.pipeline, refinevla.markers, refinevla.cli).
 
     .venv/bin/pytest tests/test_stage_keys.py -q
 
@@ -315,7 +315,7 @@ def test_each_command_lists_the_keys_it_reads(capsys, command, key, absent):
     assert f"{key} = {default!r}" in out and " ".join(text.split()[:4]) in " ".join(out.split())
 
 
-# ------------------------------------------------------------------------------ pages and stored configs (#33)
+# ------------------------------------------------------------------------------------ pages and stored configs
 def test_a_page_names_its_models_settings_and_says_when_the_stored_run_disagrees(tmp_path, stand_ins):
     from refinevla import book
 
