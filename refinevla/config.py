@@ -27,7 +27,7 @@ from .schema import RATIONALE_PARTS  # noqa: F401
 from .sections import (  # noqa: F401  the stage sections, importable from here as before
     SIZES, LORA_TARGETS, IN_DISTRIBUTION, VARIANT, SPLITS, AGGREGATIONS, QUERIES, MAX_DATA_SEED, EPISODES_PER_SEED,
     RESERVED_ARMS, _Checked, DataConfig, GroundingConfig, ModelConfig, TrainConfig, AnnotateConfig, EvaluateConfig, AttentionConfig,
-    StudyConfig, arm_configs)
+    StudyConfig, with_arm_changes)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -114,7 +114,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for section in SECTIONS:
         check_section(getattr(cfg, section), section)
     for name, spec in cfg.study.arms.items():  # against the run's own sections (e.g. the model's layer count)
-        arm_configs(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{name}")
+        with_arm_changes(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{name}")
     if not cfg.model.checkpoint:
         layers = SIZES[cfg.model.size]["text_layers"]
         if not -layers <= cfg.attention.layer < layers:

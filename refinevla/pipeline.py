@@ -197,8 +197,8 @@ def trained_arms(cfg: RunConfig) -> list[tuple[str, int]]:
 
 def arm_configs(cfg: RunConfig, arm: str, seed: int):
     """(TrainConfig, ModelConfig) of one arm and seed: the main arm's section, or an extra arm's changes on top of
-    the arm it comes from (config.arm_configs); the seed sets adapter initialisation and data order."""
-    from .config import arm_configs as with_changes
+    the arm it comes from (sections.with_arm_changes); the seed sets adapter initialisation and data order."""
+    from .config import with_arm_changes
 
     if arm in VARIANTS:
         spec = {"from": arm}
@@ -206,7 +206,7 @@ def arm_configs(cfg: RunConfig, arm: str, seed: int):
         spec = dict(cfg.study.arms[arm])
     else:
         raise ValueError(f"unknown arm {arm!r}; the study trains {list(VARIANTS) + list(cfg.study.arms)}")
-    tcfg, mcfg = with_changes(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{arm}")
+    tcfg, mcfg = with_arm_changes(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{arm}")
     return dataclasses.replace(tcfg, variant=arm, seed=seed), mcfg
 
 

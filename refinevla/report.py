@@ -11,6 +11,7 @@ import pandas as pd
 
 from .competence import (base_probe_table, base_recipe_table, base_release,  # noqa: F401 (the book calls them here)
                          competence_sentence, competence_table, grounding_table)
+from .config import IN_DISTRIBUTION, SPLITS, VARIANT
 from .figures import ARM_LABELS
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.csv"
@@ -134,7 +135,7 @@ def conclusion(table: pd.DataFrame, paired: pd.DataFrame, competence: float = 0.
     (in distribution >= ``competence``; on the variant split between 15% and 85%), then each arm against it."""
     rate = lambda arm, split: table[(table["arm"] == arm) & (table["split"] == split)]
     lines = []
-    base_in, base_var = rate("baseline", "in_distribution"), rate("baseline", "variant")
+    base_in, base_var = rate("baseline", IN_DISTRIBUTION), rate("baseline", VARIANT)
     if len(base_in):
         r = base_in.iloc[0]
         ok = r.rate >= competence
@@ -451,7 +452,7 @@ def episode_videos(run_dir, max_bytes: int = 4_000_000) -> str:
     for path in sorted(found, key=order):
         stem = path.stem
         outcome = stem.rsplit("_", 1)[-1]
-        split = next((s for s in ("in_distribution", "variant") if f"_{s}_" in f"_{stem}"), "")
+        split = next((s for s in SPLITS if f"_{s}_" in f"_{stem}"), "")
         if outcome in ("success", "failure") and path.stat().st_size <= max_bytes:
             chosen.setdefault((split, outcome), path)
     cells = []

@@ -381,10 +381,10 @@ class StudyConfig(_Checked):
             if name in RESERVED_ARMS:
                 raise _bad(f"{prefix}.arms", name, f"an arm name other than {', '.join(RESERVED_ARMS)}")
             # names and types here; validate() checks the values against the run's own sections (e.g. top-K)
-            arm_configs(TrainConfig(), ModelConfig(checkpoint="any"), spec, f"{prefix}.arms.{name}")
+            with_arm_changes(TrainConfig(), ModelConfig(checkpoint="any"), spec, f"{prefix}.arms.{name}")
 
 
-def arm_configs(train: TrainConfig, model: ModelConfig, spec: dict, prefix: str = "study.arms"):
+def with_arm_changes(train: TrainConfig, model: ModelConfig, spec: dict, prefix: str = "study.arms"):
     """Copies of ``(train, model)`` with an arm's changes (``{key: value}``; ``model.<field>`` keys change the model
     config, "from" is skipped), each value converted and checked like an override."""
     if not isinstance(spec, dict):

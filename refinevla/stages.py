@@ -75,7 +75,8 @@ STAGES: tuple[Stage, ...] = (
           code=("recipe", "release", "grounding", "train", "model", "frozen", "tokens", "sim", "scenes", "teacher"),
           dists=("torch", "transformers", "accelerate", "datasets", "numpy", "safetensors", "robosuite", "mujoco"),
           outputs=("base",), runner="recipe:run_base", in_run=False, own_force=("base",),
-          force_help="re-make the base from scratch (the recorded demonstrations are kept)", result_line="The base: {}"),
+          force_help="re-make the base from scratch (the recorded demonstrations are kept)",
+          result_line="The base: {}"),
 )
 
 
