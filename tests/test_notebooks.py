@@ -94,7 +94,7 @@ def test_notebook_names_the_project_kernel_and_opens_the_run_first(name):
     assert tags <= {"remove-input", "hide-input", "hide-cell", "remove-cell"}
 
 
-@pytest.mark.parametrize("name", book.NOTEBOOKS)
+@pytest.mark.parametrize("name", list(book.notebooks()))
 def test_a_page_that_shows_models_states_their_settings_first_and_visibly(name):
     """Its first shown output is book.page_note (lambda, top-K and seeds of its models, and a warning when the run's
     stored results disagree), in a cell whose output the book keeps, after the cell that runs its stage (whose
