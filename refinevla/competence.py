@@ -201,15 +201,23 @@ def competence_table(success: pd.DataFrame | None, manifest: dict | None = None,
 
 
 def competence_sentence(table: pd.DataFrame) -> str:
-    """The competence table in one sentence, whichever way it goes (numbers from the table only)."""
+    """The competence table in two sentences, whichever way each goes (numbers from the table only): the gate a
+    comparison needs (the fine-tuned baseline's closed-loop rows), then the base's grounding bar (its probe rows)."""
     value = "measured [95% interval] (count)"
     say = lambda what, r: f"{what} {r[value]} against {r['bar']}"
-    failed = [say(w, r) for w, r in table.iterrows() if r["met"] == "no"]
-    missing = [w for w, r in table.iterrows() if r["met"] == "not measured"]
-    if failed:
-        return ("The competence bar is not met: " + "; ".join(failed)
-                + (f" (not measured: {'; '.join(missing)})" if missing else "") + ".")
-    if missing:
-        return (f"The competence bar is not established: {'; '.join(missing)} not measured in this run"
-                + (" (every measured bar is met)." if len(missing) < len(table) else "."))
-    return "The competence bar is met: " + "; ".join(say(w, r) for w, r in table.iterrows()) + "."
+
+    def sentence(name: str, rows: pd.DataFrame) -> str:
+        failed = [say(w, r) for w, r in rows.iterrows() if r["met"] == "no"]
+        missing = [w for w, r in rows.iterrows() if r["met"] == "not measured"]
+        if failed:
+            return (f"{name} is not met: " + "; ".join(failed)
+                    + (f" (not measured: {'; '.join(missing)})" if missing else "") + ".")
+        if missing:
+            return (f"{name} is not established: {'; '.join(missing)} not measured in this run"
+                    + (" (every measured bar is met)." if len(missing) < len(rows) else "."))
+        return f"{name} is met: " + "; ".join(say(w, r) for w, r in rows.iterrows()) + "."
+
+    base = table.index.str.startswith("base:")
+    parts = [("The competence gate (the fine-tuned baseline)", table[~base]),
+             ("The base's grounding bar", table[base])]
+    return " ".join(sentence(name, rows) for name, rows in parts if len(rows))

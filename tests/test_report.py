@@ -329,17 +329,24 @@ def test_competence_table_switches_when_a_number_crosses_its_bar(tmp_path):
 def test_competence_sentence_names_what_failed_with_its_value(tmp_path):
     table = report.competence_table(success_frame(), manifest_literal(within_b=0.5))
     sentence = report.competence_sentence(table)
-    assert sentence.startswith("The competence bar is not met: ")
-    assert "base: position within 1 cm, held-out frames 50% [" in sentence and "against >= 95%" in sentence
-    assert "in distribution 12% [6, 24] (6/50) against >= 60%" in sentence and "variant 0% [" in sentence
+    gate, base = sentence.split(". The base's grounding bar ")
+    assert gate.startswith("The competence gate (the fine-tuned baseline) is not met: ")
+    assert "in distribution 12% [6, 24] (6/50) against >= 60%" in gate and "variant 0% [" in gate
+    assert base.startswith("is not met: base: position within 1 cm, held-out frames 50% [") and "against >= 95%" in base
     assert "side of the named object" not in sentence                      # met rows are not listed as failures
     good = success_frame()
     good = good.assign(rate=np.where(good["arm"] == "baseline", 0.6, good["rate"]),
                        successes=np.where(good["arm"] == "baseline", 30, good["successes"]))
     sentence = report.competence_sentence(report.competence_table(good, manifest_literal()))
-    assert sentence.startswith("The competence bar is met: ") and "(30/50)" in sentence
+    assert sentence.startswith("The competence gate (the fine-tuned baseline) is met: ") and "(30/50)" in sentence
+    assert "The base's grounding bar is met: " in sentence
+    # the gate met, the base's bar missed: each said on its own (the default study's case)
+    sentence = report.competence_sentence(report.competence_table(good, manifest_literal(within_b=0.42)))
+    assert sentence.startswith("The competence gate (the fine-tuned baseline) is met: ")
+    assert "The base's grounding bar is not met: base: position within 1 cm" in sentence
     sentence = report.competence_sentence(report.competence_table(good, None, None))
-    assert sentence.startswith("The competence bar is not established: ") and "every measured bar is met" in sentence
+    assert sentence.startswith("The competence gate (the fine-tuned baseline) is met: ")
+    assert "The base's grounding bar is not established: " in sentence
 
 
 def test_base_losses_and_grounding_figures():
