@@ -1,7 +1,7 @@
 # refinevla: `make book` runs the whole study (embedded default) and builds the book; `make test` runs the tests.
 # Both create .venv on first use and install everything, system packages included (see README).
 #
-#   make book                       PRESET=default (the embedded default, ~21 min on 2 cores)
+#   make book                       PRESET=default (the embedded default, ~38 min on 2 cores)
 #   make book PRESET=study          the ablations, 3 seeds per arm (hours)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
