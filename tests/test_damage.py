@@ -185,3 +185,44 @@ def test_a_damaged_teacher_cache_ends_in_one_line(copy):
     err = [line for line in proc.stderr.splitlines() if line.startswith("refinevla annotate: error:")]
     assert len(err) == 1 and "cache is damaged" in err[0] and "rebuild" in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ the book on this run (#33)
+def shown_outputs(notebook: Path) -> str:
+    """The text of every output the book keeps (cells not tagged remove-cell / hide-output)."""
+    import nbformat
+
+    out = []
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type != "code" or {"remove-cell", "remove-output"} & set(cell.metadata.get("tags", [])):
+            continue
+        for o in cell.get("outputs", []):
+            out.append("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", "")))
+    return "\n".join(out)
+
+
+def test_pages_state_their_models_settings_and_a_page_of_other_settings_is_refused(copy):
+    """The real notebooks through Papermill on the run: the evaluation page (its stage up to date) and the overview
+    state lambda, top-K and seeds of their models on the page; the overview asked for another lambda than the
+    models were trained with is refused in one line, and a stage page asked for it stops in one line, naming the
+    model and the keys, before anything is deleted."""
+    run_dir = copy / RUN
+    proc = cli(copy, "book", "--only", "04_evaluate", "00_overview", "--no-build", check=0)
+    assert "evaluate refinevla seed 0: up to date" in proc.stdout
+    for name in ("04_evaluate", "00_overview"):
+        shown = shown_outputs(run_dir / "notebooks" / f"{name}.ipynb")
+        assert "**refinevla**: lambda_reason = 0.5, top K = 1, seeds [0]" in shown, (name, shown[:2000])
+        assert "**baseline**: no reasoning loss (lambda 0), top K = 1, seeds [0]" in shown and "disagree" not in shown
+    episodes = (run_dir / "evaluate" / "refinevla" / "seed0" / "episodes.jsonl").read_bytes()
+    proc = cli(copy, "book", "--only", "00_overview", "--no-build", "-p", "lambda_reason", "0.25", check=1)
+    err = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("notebooks:")]
+    assert len(err) == 1 and err[0].startswith("refinevla book: error: 00_overview: ") and \
+        f"{run_dir}/train/refinevla/seed0 was made under other parameters (refinevla.lambda_reason: 0.5 there, 0.25 " \
+        "now)" in err[0], proc.stderr
+    proc = cli(copy, "book", "--only", "04_evaluate", "--no-build", "-p", "lambda_reason", "0.25", check=1)
+    err = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("notebooks:")]
+    assert len(err) == 1 and err[0].startswith("refinevla book: error: 04_evaluate.ipynb failed in cell 4: evaluate "
+                                               "refinevla seed 0: "), proc.stderr
+    assert "refinevla.lambda_reason: 0.5 there, 0.25 now" in err[0] and "without --only" in err[0]
+    assert "Traceback" not in proc.stderr and "The notebook's traceback:" in (run_dir / "refinevla.log").read_text()
+    assert (run_dir / "evaluate" / "refinevla" / "seed0" / "episodes.jsonl").read_bytes() == episodes
