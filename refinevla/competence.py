@@ -86,7 +86,7 @@ def base_recipe_table(manifest: dict) -> pd.DataFrame:
     parent = manifest.get("parent_manifest")
     if parent:
         rows = base_recipe_table(parent).rename(index=lambda i: f"{parent.get('name', 'parent')}: {i}")
-        own = base_recipe_table({k: v for k, v in manifest.items() if k != "parent_manifest"} | {"parent": ""})
+        own = base_recipe_table({k: v for k, v in manifest.items() if k != "parent_manifest"})
         own = own.drop(index="stage (a) VLM").rename(index={"stage (b) VLA": CONTINUED})
         return pd.concat([rows, own.rename(index=lambda i: f"{manifest.get('name', 'base')}: {i}")])
     r = manifest.get("recipe", {}).get("preset_sections", {})

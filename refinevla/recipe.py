@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .release import MANIFEST, VOCAB_SEEDS, ReleaseError, resolve_checkpoint, verify_release, write_release
+from .release import MANIFEST, VOCAB_SEEDS, ReleaseError, is_release, resolve_checkpoint, verify_release, write_release
 
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -148,7 +148,7 @@ def run_base(cfg, force=()) -> Path:
 
     _validate(cfg)
     parent = resolve_checkpoint(cfg.model.checkpoint) if cfg.model.checkpoint else ""
-    if parent and not (Path(parent) / MANIFEST).is_file():
+    if parent and not is_release(parent):
         raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r}: a recipe continues a released base only (a "
                          f"folder with {MANIFEST}, e.g. models/tiny-base); or '' to build the tiny base itself")
     forced = bool(set(force or ()) & {"base", "all"})
