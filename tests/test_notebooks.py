@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,8 +145,8 @@ def test_ensure_kernel_registers_this_interpreter_once(tmp_path):
     assert spec.stat().st_mtime_ns == before
 
 
-def _lab_commands(*wrap) -> str:
-    return subprocess.run([*wrap, "make", "-n", "-o", "setup", "lab"], cwd=REPO, capture_output=True, text=True,
+def _lab_commands(*wrap, cwd=REPO) -> str:
+    return subprocess.run([*wrap, "make", "-n", "-o", "setup", "lab"], cwd=cwd, capture_output=True, text=True,
                           check=True).stdout
 
 
@@ -154,7 +155,11 @@ def test_make_lab_allows_root_only_as_root():
     out = _lab_commands()
     assert ("--allow-root" in out) == root and "ensure_kernel" in out and "notebooks/" in out
     if root and shutil.which("setpriv"):  # the same target as an ordinary user: no --allow-root
-        user = _lab_commands("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        # the Makefile alone, in a folder that user may enter (a checkout under a 0700 folder, as `mktemp -d` makes)
+        with tempfile.TemporaryDirectory() as folder:
+            os.chmod(folder, 0o755)
+            shutil.copy(REPO / "Makefile", folder)
+            user = _lab_commands("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", cwd=folder)
         assert "--allow-root" not in user and "jupyter lab" in user
 
 
