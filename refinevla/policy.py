@@ -292,6 +292,10 @@ class TeacherRationalePolicy:
     def __init__(self, vla: VLAPolicy):
         self.vla, self.last_rationale, self.slot_rationale = vla, "", {}
 
+    @property
+    def chunk(self) -> int:
+        return self.vla.chunk
+
     def reset(self, instruction: str) -> None:
         self.reset_slot(0, instruction)
 

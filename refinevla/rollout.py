@@ -10,7 +10,8 @@ as SimplerEnv scores the last step) and ``record_extras()`` (the backend's own r
 Lockstep (``EvaluateConfig.envs_per_worker`` > 1): every live slot's observation goes to the policy in ONE call
 (``policy.act_batch(obs_list, slots)``, see ``refinevla.policy``); an episode ends at success or at its horizon
 and its slot takes the next episode of the worker's queue (queued task by task so that each slot reuses its
-environment). A policy without ``act_batch`` / ``reset_slot`` gets one instance per slot. Lockstep and one-by-one
+environment) on the next step where the others decode: with action chunks of ``policy.chunk`` actions, the slots
+stay in phase and every decode is one batch of all live slots. A policy without ``act_batch`` / ``reset_slot`` gets one instance per slot. Lockstep and one-by-one
 runs give the same records except timings; in lockstep ``policy_s`` is the policy's time per call shared equally
 among the slots of the call, and ``wall_s`` is the episode's own reset and step time plus that share.
 
@@ -310,12 +311,22 @@ def run_lockstep(jobs):
                 continue
             return
 
-    for i in range(len(slots)):
-        start(i)
-    yield from finished
-    finished.clear()
-    while any(ep is not None for ep in slots):
+    period, tick = _decode_period(policy, batched), 0
+    while True:
+        # an empty slot takes its next episode only on a step where the others decode (every ``period`` steps):
+        # then the slots' action chunks run in phase and each decode is one batch of all of them
+        if tick % period == 0 or all(ep is None for ep in slots):
+            for i, ep in enumerate(slots):
+                if ep is None:
+                    start(i)
+        yield from finished
+        finished.clear()
+        tick += 1
         live = [i for i, ep in enumerate(slots) if ep is not None]
+        if not live:
+            if pending:
+                continue
+            break
         for i in live:
             ep = slots[i]
             ep.steps += 1
@@ -340,11 +351,12 @@ def run_lockstep(jobs):
             ep.wall_s += time.perf_counter() - t0
             if ep.error is not None or ep.success or ep.steps >= ep.max_steps:
                 finish(i)
-        for i in live:
-            if slots[i] is None:
-                start(i)
-        yield from finished
-        finished.clear()
+    yield from finished
+
+
+def _decode_period(policy, batched: bool) -> int:
+    """Control steps per decode of a batched policy that acts in chunks (its ``chunk``), else 1."""
+    return max(1, int(getattr(policy, "chunk", 1) or 1)) if batched else 1
 
 
 def _act(policy, batched: bool, obs_list: list[dict], live: list[int]) -> list[tuple]:

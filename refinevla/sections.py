@@ -254,7 +254,8 @@ class EvaluateConfig(_Checked):
     variant_base_seed: int = opt(20_000, "first variant-scene seed", ge=0)
     max_steps: int | None = opt(None, "steps per episode at most; none = each task's own horizon", ge=1)
     workers: int = opt(1, "processes running episodes", ge=1)
-    envs_per_worker: int = opt(4, "environments each worker steps in lockstep (1 = one episode at a time)", ge=1)
+    envs_per_worker: int = opt(16, "environments each worker steps in lockstep, one batched decode for all "
+                                   "(1 = one episode at a time; a robosuite env holds ~0.4 GB)", ge=1)
     image_size: int = opt(64, "camera image side in pixels", ge=8)
     camera: str = opt("robot0_eye_in_hand", "the policy camera (backends whose make_task takes camera)")
     strip_frames: int = opt(4, "frames in the strip of each task's first episode; 0 = no strips", ge=0)

@@ -290,7 +290,11 @@ class Recorder:
     """Wraps a policy and logs every action it returns, one list per episode (batched when the policy is)."""
 
     def __init__(self, inner):
-        self.inner, self.episodes, self.current = inner, [], {}
+        self.inner, self.episodes, self.current, self.calls = inner, [], {}, []
+
+    @property
+    def chunk(self):
+        return getattr(self.inner, "chunk", 1)
 
     def _new(self, slot):
         self.current[slot] = []
@@ -310,6 +314,7 @@ class Recorder:
         self._new(slot)
 
     def act_batch(self, obs_list, slots):
+        self.calls.append(len(slots))
         actions = self.inner.act_batch(obs_list, slots)
         for s, a in zip(slots, actions):
             self.current[s].append(np.asarray(a).tolist())
@@ -401,17 +406,21 @@ def test_lockstep_equals_serial_for_a_micro_vla(tmp_path, micro_vla, kind):
 
 @pytest.mark.parametrize("kind,chunk", [("baseline", 3), ("reasoning", 2), ("reasoning_capped", 1)])
 def test_lockstep_chunks_and_rationales_on_staggered_episodes(fake, tmp_path, micro_vla, kind, chunk):
-    """On the fake backend episodes end at steps 3 or 5, so lockstep slots are refilled out of phase: each slot
+    """On the fake backend episodes end at steps 3 or 5, so lockstep slots free up out of phase: each slot
     executes its chunk before decoding again (one decode per `chunk` steps of each episode, counted on the
-    model), and lockstep and serial take the same actions."""
+    model), a freed slot takes its next episode at the others' next decode so that every decode is one batch of
+    all live slots, and lockstep and serial take the same actions."""
     model, tok = micro_vla
     tok = copy.copy(tok)
     tok.action_chunk = chunk
-    decoded_rows = []
-    handle = model.register_forward_pre_hook(
-        lambda mod, args, kw: decoded_rows.append(len(kw["input_ids"])) if kw.get("pixel_values") is not None
-        else None, with_kwargs=True)
-    recorders = []
+    decoded_rows, in_call, recorders = [], [], []
+
+    def hook(mod, args, kw):
+        if kw.get("pixel_values") is not None:
+            decoded_rows.append(len(kw["input_ids"]))
+            in_call.append((len(recorders[-1].calls), len(kw["input_ids"])))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def factory():
         recorders.append(Recorder(_vla_policy((model, tok), kind)))
@@ -428,6 +437,8 @@ def test_lockstep_chunks_and_rationales_on_staggered_episodes(fake, tmp_path, mi
         assert len({len(st.rationale_ids) for st in recorders[0].inner.slots.values() if st.step}) > 1
     if cfg.envs_per_worker > 1:
         assert max(decoded_rows) > 1  # several slots in one forward pass
+        calls = recorders[0].calls
+        assert all(rows == calls[k - 1] for k, rows in in_call)  # each decode: every slot of its call, in phase
     trajectories = recorders[0].trajectories()
     serial = dataclasses.replace(cfg, envs_per_worker=1)
     evaluate(factory, serial, tmp_path / "serial")
