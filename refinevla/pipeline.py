@@ -20,6 +20,7 @@ so a killed stage resumes where it stopped. Under ``accelerate launch`` only the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -367,11 +368,12 @@ def run_evaluate(cfg: RunConfig, units=None, force=()):
     evaluate/records.csv (every episode, with its arm and train seed), success.csv (Wilson intervals per arm and
     split) and paired.csv (each arm against the baseline on the same episodes). Returns the success table.
 
-    Every unit's model is checked first (``_require_model``): a model whose training key is not the one the current
-    config gives is refused before any episode is deleted; each unit's marker records the key it evaluated."""
+    Every unit's model is checked first: a model whose training key is not the current config's is refused before
+    any episode is deleted; each unit's marker records the key it evaluated. One WorkerPool serves every unit."""
     import pandas as pd
 
-    from .evaluate import evaluate, read_records, validate
+    from .backends import PROTOCOL_BACKENDS
+    from .evaluate import WorkerPool, evaluate, read_records, validate
     from .stats import comparison_table, success_table
 
     run = stage_run(cfg, "evaluate", force)
@@ -379,28 +381,27 @@ def run_evaluate(cfg: RunConfig, units=None, force=()):
     units = list(units or evaluated_units(cfg))
     trained_keys = {(arm, seed): _require_model(cfg, arm, seed) for arm, seed in units}
     frames, checks = [], []
-    for arm, seed in units:
-        out = evaluate_dir(cfg, arm, seed)
-        model_dir, reasoning = _unit_model(cfg, arm, seed)
-        key = evaluate_key(cfg, arm, seed)
-        if not run.done(out, key, f"evaluate {arm} seed {seed}"):
-            how = " (acts on the teacher's rationale)" if arm == ORACLE else \
-                " (writes its rationale before acting)" if reasoning else ""
-            print(f"evaluate {arm} seed {seed}{how}")
-            # another model's episodes are deleted, never resumed
-            with run.writing(out, key, partial=("episodes.jsonl",)) as marker:
-                if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale for unseen frames?
-                    _rationale_check(cfg, model_dir, out)
-                factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE,
-                                         unnorm_key=cfg.model.unnorm_key)
-                evaluate(factory, cfg.evaluate, out)  # every backend: robosuite, SimplerEnv, ManiSkill3
-                marker.update(model=str(model_dir), model_key=trained_keys[(arm, seed)])
-        records = pd.DataFrame(read_records(out / "episodes.jsonl"))
-        if "split" not in records:
-            records["split"] = "in_distribution"
-        frames.append(records.assign(arm=arm, train_seed=seed))
-        if (out / "rationale.csv").exists():
-            checks.append(pd.read_csv(out / "rationale.csv").assign(arm=arm, train_seed=seed))
+    pooled = cfg.evaluate.workers > 1 and cfg.evaluate.backend not in PROTOCOL_BACKENDS  # one pool for all units
+    with WorkerPool(cfg.evaluate) if pooled else contextlib.nullcontext() as pool:  # workers start at first use
+        for arm, seed in units:
+            out = evaluate_dir(cfg, arm, seed)
+            model_dir, reasoning = _unit_model(cfg, arm, seed)
+            key = evaluate_key(cfg, arm, seed)
+            if not run.done(out, key, f"evaluate {arm} seed {seed}"):
+                print(f"evaluate {arm} seed {seed}" + (" (acts on the teacher's rationale)" if arm == ORACLE else
+                                                       " (writes its rationale before acting)" if reasoning else ""))
+                # another model's episodes are deleted, never resumed
+                with run.writing(out, key, partial=("episodes.jsonl",)) as marker:
+                    if reasoning and arm != ORACLE:  # the gate: can it write the teacher's rationale?
+                        _rationale_check(cfg, model_dir, out)
+                    factory = policy_factory(model_dir, reasoning=reasoning, teacher_rationale=arm == ORACLE,
+                                             unnorm_key=cfg.model.unnorm_key)
+                    evaluate(factory, cfg.evaluate, out, pool)  # every backend: robosuite, SimplerEnv, ManiSkill3
+                    marker.update(model=str(model_dir), model_key=trained_keys[(arm, seed)])
+            records = pd.DataFrame(read_records(out / "episodes.jsonl"))
+            frames.append(records.assign(arm=arm, train_seed=seed, split=records.get("split", "in_distribution")))
+            if (out / "rationale.csv").exists():
+                checks.append(pd.read_csv(out / "rationale.csv").assign(arm=arm, train_seed=seed))
     records = pd.concat(frames, ignore_index=True)
     table = success_table(records)
     if not is_main():
@@ -476,8 +477,8 @@ def run_attention(cfg: RunConfig, force=()):
     return table
 
 
-def stage_times(cfg: RunConfig) -> "pd.DataFrame":  # noqa: F821
-    """Wall time of every stage of the run, in pipeline order (markers.stage_times)."""
+def stage_times(cfg: RunConfig):
+    """Wall time of every stage of the run, in pipeline order: a DataFrame (markers.stage_times)."""
     return markers.stage_times(cfg.run_dir)
 
 

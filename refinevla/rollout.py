@@ -142,8 +142,35 @@ def init_worker(policy_factory, cfg, threads: int | None = None, results=None) -
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
     _WORKER.clear()
-    _WORKER.update(policy=policy_factory(), factory=policy_factory, cfg=cfg, envs={}, slot_policies={},
+    _WORKER.update(policy=None, factory=None, cfg=cfg, envs={}, slot_policies={}, built=0,
                    backend=backend_module(cfg.backend), results=results)
+    if policy_factory is not None:
+        use_policy(policy_factory)
+
+
+def use_policy(policy_factory) -> None:
+    """Make ``policy_factory()`` this worker's policy, unless it already is (a pooled worker evaluates one model
+    after another, ``refinevla.evaluate.WorkerPool``): the environments stay, the previous policy and its
+    per-slot copies are dropped first."""
+    if _WORKER.get("policy") is not None and _factory_id(policy_factory) == _factory_id(_WORKER["factory"]):
+        return
+    _WORKER.update(policy=None, factory=None, slot_policies={})
+    _WORKER.update(policy=policy_factory(), factory=policy_factory)
+    for (task, _), _env in _WORKER["envs"].values():
+        check_state(_WORKER["policy"], _WORKER["cfg"].backend, task)
+
+
+def _factory_id(factory):
+    """What makes two factories the same after pickling: a functools.partial's function and arguments."""
+    if hasattr(factory, "func") and hasattr(factory, "keywords"):
+        return (_factory_id(factory.func), factory.args, tuple(sorted(factory.keywords.items())))
+    return (getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)) \
+        if callable(factory) and hasattr(factory, "__qualname__") else factory
+
+
+def worker_stats() -> dict:
+    """This worker's process id and how many environments it has built (a pooled worker builds them once)."""
+    return {"pid": os.getpid(), "built": _WORKER.get("built", 0)}
 
 
 def close_worker() -> None:
@@ -165,7 +192,9 @@ def _make_env(task: str, split: str):
         kwargs["camera"] = cfg.camera
     if "split" in params or split != IN_DISTRIBUTION:
         kwargs["split"] = split
-    return backend.make_task(task, **kwargs)
+    env = backend.make_task(task, **kwargs)
+    _WORKER["built"] = _WORKER.get("built", 0) + 1
+    return env
 
 
 def _slot_env(slot: int, task: str, split: str):
@@ -387,9 +416,12 @@ def _act(policy, batched: bool, obs_list: list[dict], live: list[int]) -> list[t
     return out
 
 
-def run_chunk(jobs) -> int:
-    """A pool worker's share: run ``jobs`` in lockstep, putting each record on the results queue as its episode
-    ends (so that the parent writes it at once); returns how many it put."""
+def run_chunk(jobs, policy_factory=None) -> int:
+    """A pool worker's share: run ``jobs`` in lockstep (with ``policy_factory``'s policy when given), putting each
+    record on the results queue as its episode ends (so that the parent writes it at once); returns how many it
+    put."""
+    if policy_factory is not None:
+        use_policy(policy_factory)
     results, n = _WORKER["results"], 0
     for record in run_lockstep(jobs):
         results.put(record)

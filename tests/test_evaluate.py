@@ -478,3 +478,28 @@ def test_robosuite_backend_in_two_spawned_workers(tmp_path):
                                             ("variant", 20_000), ("variant", 20_001)]
     assert len(_lines(tmp_path / "episodes.jsonl")) == 4
     assert (tmp_path / "strips" / "lift.png").exists() and (tmp_path / "strips" / "lift_variant.png").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_pool_serves_one_model_after_another(tmp_path):
+    """One WorkerPool for two models (the scripted expert, then a policy that never moves): the same two worker
+    processes run both, build their environments once (each keeps its split), load the second model for the second
+    call, and give the records a pool made for one call gives."""
+    pytest.importorskip("robosuite")
+    from refinevla.experts import ExpertPolicy
+
+    cfg = EvaluateConfig(tasks=("lift",), episodes_per_task=3, max_steps=34, workers=2, envs_per_worker=2,
+                         splits=("in_distribution", "variant"), image_size=32, progress=False)
+    with ev.WorkerPool(cfg) as pool:
+        expert = evaluate(ExpertPolicy, cfg, tmp_path / "expert", pool=pool)
+        first = pool.stats()
+        zero = evaluate(ZeroPolicy, cfg, tmp_path / "zero", pool=pool)
+        second = pool.stats()
+        with pytest.raises(ValueError, match="another EvaluateConfig"):
+            evaluate(ZeroPolicy, dataclasses.replace(cfg, max_steps=5), tmp_path / "other", pool=pool)
+    assert [s["pid"] for s in first] == [s["pid"] for s in second]
+    assert [s["built"] for s in second] == [2, 2]  # 2 slots per worker, one split each, for both models
+    assert expert.success.sum() >= 1 and not zero.success.any() and (zero.steps == 34).all()
+    alone = evaluate(ExpertPolicy, cfg, tmp_path / "alone")
+    columns = ["task", "split", "seed", "success", "steps"]
+    pd.testing.assert_frame_equal(expert[columns], alone[columns])
