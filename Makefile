@@ -2,7 +2,8 @@
 # Both create .venv on first use and install everything, system packages included (see README).
 #
 #   make book                       PRESET=default (the embedded default, ~38 min on 2 cores)
-#   make book PRESET=study          the ablations, 3 seeds per arm (hours)
+#   make study                      the ablations (study preset, 3 seeds per arm, ~2-2.5 h, resumable), then their
+#                                   results exported to results/study/ (committed; the book's ablation page)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
 #   make test                       the test suite (~20 min from a fresh clone, set-up included)
@@ -32,7 +33,7 @@ else
 TORCH_SPEC := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: book test base lab bench setup system clean constraints paper-env
+.PHONY: book test base study lab bench setup system clean constraints paper-env
 
 book: setup
 	$(BIN)/refinevla book --preset $(PRESET) $(ARGS)
@@ -44,6 +45,12 @@ book: setup
 base: setup
 	$(BIN)/refinevla base --preset base $(ARGS)
 	$(BIN)/refinevla base --preset vla $(ARGS)
+
+# The ablation study: every stage of the study preset (data/study/), then its per-episode results, resolved config
+# and stage keys copied to results/study/ (small files, committed: the book shows them without re-running).
+study: setup
+	$(BIN)/refinevla all --preset study $(ARGS)
+	$(BIN)/refinevla export --preset study $(ARGS)
 
 test: setup
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)

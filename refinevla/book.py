@@ -28,7 +28,9 @@ from . import stages
 REPO = Path(__file__).resolve().parent.parent
 #: The pages that run no stage and read the run's results: name -> the stage folders they read (None: every stage's).
 #: The overview is written last (from the run's CSVs) but read first.
-READING_PAGES = {"06_results": None, "00_overview": ("train", "evaluate", "attention")}
+READING_PAGES = {"06_results": None, "07_ablations": (), "00_overview": ("train", "evaluate", "attention")}
+#: The pages that read committed results (results/<folder>/, refinevla.archive) instead of the run's: name -> folder.
+RESULTS_PAGES = {"07_ablations": "study"}
 OVERVIEW = "00_overview"
 
 
@@ -97,14 +99,15 @@ def stage_failures() -> tuple[type, ...]:
     from .release import ReleaseError
     from .teacher.cache import CacheError
     from .teacher.online import TeacherError
+    from .archive import ArchiveError
 
     return (StaleInputError, ReleaseError, DamagedFileError, RecordsDamagedError, CacheError, TeacherError,
-            CheckpointError, ConfigError)
+            CheckpointError, ConfigError, ArchiveError)
 
 
 #: The pages that show a model (every one but the data and the teacher's): each states, right after the cell that
 #: runs its stage, the lambda, top-K and seeds of its models and any stored result made under other ones (page_note).
-MODEL_PAGES = ["03_finetune", "04_evaluate", "05_attention", "06_results", "00_overview"]
+MODEL_PAGES = ["03_finetune", "04_evaluate", "05_attention", "06_results", "07_ablations", "00_overview"]
 
 
 def open_run(preset: str, run: str = "", namespace: dict | None = None, overrides: dict | None = None):
@@ -233,6 +236,9 @@ def notebook_key(name: str, params: dict, run_dir: Path, notebooks_dir: Path = R
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(_package_hash().encode())
     nb = notebooks()[name]
+    if name in RESULTS_PAGES:  # the committed results it reads
+        for path in sorted((REPO / "results" / RESULTS_PAGES[name]).glob("*")):
+            h.update(path.name.encode() + path.read_bytes())
     for stage in nb.inputs + nb.outputs:
         markers = sorted((run_dir / stage).rglob("_done.json")) if (run_dir / stage).exists() else []
         for marker in markers:
@@ -267,7 +273,7 @@ def run_notebooks(preset: str, params: dict, run: str = "", only: list[str] | No
             if not force and output.exists() and key_file.exists() and key_file.read_text() == key:
                 print(f"{name}: unchanged since its last successful run, not re-run")
                 continue
-            if not known[name].outputs:  # a page that only reads: it must not show results of other settings
+            if not known[name].outputs and name not in RESULTS_PAGES:  # it must not show other settings' results
                 refuse_disagreeing(name, preset, run, params, root)
             key_file.unlink(missing_ok=True)
             print(f"{name}: running")

@@ -1,4 +1,4 @@
-"""Command line: `refinevla base|data|annotate|train|evaluate|attention|all|book|config`, thin over the package.
+"""Command line: `refinevla base|data|annotate|train|evaluate|attention|all|book|export|config`, thin over the package.
 
 Examples:
     refinevla book                          # the embedded default, ending with the built book
@@ -10,6 +10,7 @@ Examples:
     refinevla evaluate --force evaluate     # evaluate again although nothing changed
     refinevla annotate -p teacher http -p base_url http://localhost:8000/v1 -p teacher_model my-vlm
     refinevla config --preset paper         # print the resolved config
+    refinevla export --preset study         # a finished run's results -> results/study/ (committed, for the book)
 
 A bad value is refused in one line naming the key, the value and what is allowed (exit status 2), before any
 stage deletes or writes anything; a stage whose input was made under another config says which stage to run
@@ -40,6 +41,8 @@ def commands() -> dict[str, tuple[tuple[str, ...], str]]:
     names = ", ".join(stage.name for stage in stages.run_stages())
     return out | {"all": (ALL_SECTIONS, f"every stage in order: {names}"),
                   "book": (ALL_SECTIONS, "run the notebooks (Papermill) and build the book (Jupyter Book)"),
+                  "export": (ALL_SECTIONS, "copy a finished run's episodes, config and stage keys into results/<run>/ "
+                                           "(small files to commit; the book's ablation page reads them)"),
                   "config": (ALL_SECTIONS, "print the resolved config")}
 
 
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif stage is not None and not stage.in_run:
             sub.add_argument("--force", action="append", choices=stage.own_force, default=[], metavar="STAGE",
                              help=f"{', '.join(stage.own_force)}: {stage.force_help}")
+        elif name == "export":
+            sub.add_argument("--to", default=None, metavar="FOLDER", help="where to write (default: results/<run>)")
         elif name != "config":
             parts = "; ".join(f"{s.name} = {' + '.join(s.parts)}" for s in stages.run_stages() if s.parts)
             sub.add_argument("--force", action="append", choices=force_names, default=[], metavar="STAGE",
@@ -172,6 +177,13 @@ def _run(args, cfg) -> int:
         return 0
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if args.command == "export":
+        from .archive import check, export
+
+        folder = export(cfg, args.preset, _params(args.param), args.to)
+        check(folder)
+        print(f"exported {cfg.run_dir} -> {folder} (checked against the {args.preset} preset)")
         return 0
 
     from . import pipeline

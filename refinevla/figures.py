@@ -211,14 +211,14 @@ def plot_success(table: pd.DataFrame, paper: pd.DataFrame | None = None):
     return fig
 
 
-def plot_paired(paired: pd.DataFrame):
-    """Each arm minus the baseline on the same episodes, in points, with the paired bootstrap 95% interval; one
-    panel per split; a dashed line at 0 (no difference)."""
+def plot_paired(paired: pd.DataFrame, reference: str = "baseline"):
+    """Each arm minus the reference arm on the same episodes, in points, with the paired bootstrap 95% interval;
+    one panel per split; a dashed line at 0 (no difference)."""
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(paired["arm"]))
     splits = list(dict.fromkeys(paired["split"]))
-    colours = _palette(["baseline"] + arms)
+    colours = _palette([reference] + arms)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.6 * len(splits) + 1.6, 0.45 * len(arms) + 1.4),
                              sharey=True, squeeze=False)
     lim = max(10.0, 100 * float(np.nanmax(np.abs(paired[["diff_low", "diff_high"]].to_numpy()))) + 5)
@@ -232,7 +232,8 @@ def plot_paired(paired: pd.DataFrame):
             ax.plot(100 * r["diff"], y, "D", color=colours[arm], ms=7, mec="k", mew=0.6, zorder=3)
         ax.axvline(0, color="k", ls="--", lw=1)
         ax.set_yticks(range(len(arms)), [SHORT_LABELS.get(a, a) for a in arms])
-        ax.set(xlim=(-lim, lim), title=split.replace("_", " "), xlabel="arm - baseline (points), 95% interval")
+        ax.set(xlim=(-lim, lim), title=split.replace("_", " "),
+               xlabel=f"arm - {SHORT_LABELS.get(reference, reference)} (points), 95% interval")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()
     fig.tight_layout()

@@ -12,7 +12,7 @@ import pandas as pd
 from .competence import (base_probe_table, base_recipe_table, base_release,  # noqa: F401 (the book calls them here)
                          competence_sentence, competence_table, grounding_table)
 from .config import IN_DISTRIBUTION, SPLITS, VARIANT
-from .figures import ARM_LABELS
+from .figures import ARM_LABELS, SHORT_LABELS
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.csv"
 
@@ -118,14 +118,15 @@ def success_display(table: pd.DataFrame) -> pd.DataFrame:
     return wide.fillna("")
 
 
-def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
+def paired_display(paired: pd.DataFrame, reference: str = "baseline") -> pd.DataFrame:
     """The paired comparisons for reading: difference with its bootstrap interval, McNemar's p and the verdict."""
+    ref = SHORT_LABELS.get(reference, reference)
     out = pd.DataFrame({
         "arm": [ARM_LABELS.get(a, a) for a in paired["arm"]], "split": paired["split"].str.replace("_", " "),
         "pairs": paired["n_pairs"],
-        "arm - baseline": [f"{100 * d:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+        f"arm - {ref}": [f"{100 * d:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
                            for d, lo, hi in zip(paired["diff"], paired["diff_low"], paired["diff_high"])],
-        "discordant (baseline only / arm only)": [f"{b} / {c}" for b, c in zip(paired["b"], paired["c"])],
+        f"discordant ({ref} only / arm only)": [f"{b} / {c}" for b, c in zip(paired["b"], paired["c"])],
         "McNemar exact p": paired["p_value"].map(lambda p: f"{p:.3f}"), "verdict": paired["verdict"]})
     return out.set_index(["arm", "split"])
 

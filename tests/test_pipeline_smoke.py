@@ -122,3 +122,45 @@ def test_every_page_reads_in_a_browser(built):
 
     failures = check_book(built[0] / "book")
     assert not failures, "\n".join(failures)
+
+
+def test_export_carries_the_runs_config_and_keys(built, tmp_path):
+    """`refinevla export`'s folder passes its own check; a changed config, digest or a missing episode fails it in
+    one line naming the file."""
+    import shutil as sh
+
+    import pandas as pd
+
+    from refinevla import archive
+    from refinevla.config import resolve
+
+    overrides = {"lambda_reason": "0.3"}
+    cfg = resolve("smoke", dict(overrides, name=RUN))
+    folder = archive.export(cfg, "smoke", overrides, tmp_path / "smoke")
+    found = archive.check(folder)
+    assert len(found["episodes"]) == len(UNITS) * 4 and len(found["units"]) == len(UNITS)
+    assert found["units"]["evaluate_key"].str.len().gt(0).all() and archive.code_drift(found) == []
+    assert set(found["units"].loc[found["units"].arm == "refinevla", "lambda_reason"]) == {0.3}
+
+    def damaged(name, change):
+        copy = tmp_path / name
+        sh.copytree(folder, copy)
+        change(copy)
+        return copy
+
+    no_override = damaged("config", lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"lambda_reason": "0.3"', "")))
+    with pytest.raises(archive.ArchiveError, match=r"config.yaml is not the smoke preset's config today"):
+        archive.check(no_override)
+
+    def digest(d):
+        units = pd.read_csv(d / "units.csv")
+        units.loc[1, "digest"] = "0" * 16
+        units.to_csv(d / "units.csv", index=False)
+    with pytest.raises(archive.ArchiveError, match=r"units.csv: baseline seed 0 has digest 0000"):
+        archive.check(damaged("digest", digest))
+
+    def episode(d):
+        pd.read_csv(d / "episodes.csv").iloc[1:].to_csv(d / "episodes.csv", index=False)
+    with pytest.raises(archive.ArchiveError, match=r"episodes.csv: .* holds 3 episodes, not the 4"):
+        archive.check(damaged("episode", episode))
