@@ -92,7 +92,7 @@ class StandIns:
         (model / "vla.json").write_text(json.dumps(dict(lambda_reason=tcfg.lambda_reason)))
         return model
 
-    def evaluate(self, factory, ecfg, out):
+    def evaluate(self, factory, ecfg, out, pool=None):
         self._log("evaluate", out, Path(out).relative_to(Path(out).parents[1]).as_posix())
         with open(Path(out) / "episodes.jsonl", "w") as fh:
             for split in ecfg.splits:
