@@ -5,7 +5,7 @@ Examples:
     refinevla base --preset base            # re-make the released tiny base (models/tiny-base, ~70 min)
     refinevla base --preset vla             # then the tiny VLA the study fine-tunes (models/tiny-vla)
     refinevla book --preset smoke -p lambda_reason 0.25
-    refinevla train --preset default -p refinevla.steps 400
+    refinevla train --preset default -p finetune_steps 400
     refinevla train --help                  # the keys `train` reads, their defaults and what they accept
     refinevla evaluate --force evaluate     # evaluate again although nothing changed
     refinevla annotate -p teacher http -p base_url http://localhost:8000/v1 -p teacher_model my-vlm

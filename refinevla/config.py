@@ -124,7 +124,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise _bad("data.pretrain_mix", cfg.data.pretrain_mix, "at least one pre-training episode")
     if cfg.evaluate.backend == "robosuite":
         _check_eval_seeds(cfg.evaluate)
+    for key in SHARED_TRAINING:  # the compared arms differ only in their data and loss
+        ours, theirs = getattr(cfg.refinevla, key), getattr(cfg.baseline, key)
+        if ours != theirs:
+            raise _bad(f"refinevla.{key}", ours, f"the baseline's value, {theirs!r}: the compared arms share their "
+                       f"training settings and differ only in the rationale and its loss; set both (-p baseline.{key} "
+                       f"X -p refinevla.{key} X{', or -p finetune_steps X' if key == 'steps' else ''})")
     return cfg
+
+
+#: TrainConfig fields the baseline and ReFineVLA sections must share (``validate``); an extra arm
+#: (study.arms) may change any of them on purpose.
+SHARED_TRAINING = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio",
+                   "clip_grad", "eval_every", "eval_batches", "cache_frozen", "augment_shift", "gradient_checkpointing")
 
 
 def _check_eval_seeds(ev: EvaluateConfig) -> None:

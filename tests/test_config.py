@@ -292,3 +292,15 @@ def test_constraints_pin_the_declared_dependencies_but_not_torch():
     assert Requirement([r for r in project["dependencies"] if r.startswith("transformers")][0]).specifier.contains(
         "5.24.0") and not Requirement("transformers>=5.24,<6").specifier.contains("5.23.0")
     assert "-c $(CONSTRAINTS)" in (ROOT / "Makefile").read_text()
+
+
+def test_the_compared_arms_share_their_training_settings():
+    """An override of one arm's optimiser setting would make the arms differ in more than their data: refused in
+    one line naming the key and the fix; the same value for both, or an extra arm changing it on purpose, is fine."""
+    with pytest.raises(config.ConfigError, match=r"refinevla.lr=0.0001: expected the baseline's value, 0.001"):
+        config.resolve("default", {"refinevla.lr": "1e-4"})
+    with pytest.raises(config.ConfigError, match=r"refinevla.warmup_steps=20: expected the baseline's value, 5"):
+        config.resolve("default", {"baseline.warmup_steps": "5"})
+    cfg = config.resolve("default", {"refinevla.lr": "1e-4", "baseline.lr": "1e-4"})
+    assert cfg.baseline.lr == cfg.refinevla.lr == pytest.approx(1e-4)
+    config.resolve("smoke", {"study.arms": {"slow": {"from": "refinevla", "lr": 1e-4}}})
