@@ -60,12 +60,15 @@ def _config(args):
 
 
 def keys_help(sections) -> str:
-    """The keys of ``sections`` with their defaults and descriptions, from the config dataclasses."""
-    from .config import describe_keys
+    """The keys of ``sections`` with the values the default run uses (the default preset), the dataclass default
+    where the preset changes it, and their descriptions, from the config dataclasses."""
+    from .config import describe_keys, resolve
 
-    lines = ["keys it reads (-p KEY VALUE; defaults before the preset, which changes a few):"]
-    for key, default, text in describe_keys(sections):
-        lines.append(f"  {key} = {default!r}")
+    bare = {key: value for key, value, _ in describe_keys(sections)}
+    lines = ["keys it reads (-p KEY VALUE), with the default run's values (--preset default; other presets: "
+             "`refinevla config --preset NAME`):"]
+    for key, value, text in describe_keys(sections, resolve("default")):
+        lines.append(f"  {key} = {value!r}" + (f"  (without a preset: {bare[key]!r})" if bare[key] != value else ""))
         lines += textwrap.wrap(text, 110, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 

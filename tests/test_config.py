@@ -304,3 +304,15 @@ def test_the_compared_arms_share_their_training_settings():
     cfg = config.resolve("default", {"refinevla.lr": "1e-4", "baseline.lr": "1e-4"})
     assert cfg.baseline.lr == cfg.refinevla.lr == pytest.approx(1e-4)
     config.resolve("smoke", {"study.arms": {"slow": {"from": "refinevla", "lr": 1e-4}}})
+
+
+def test_help_prints_the_values_the_default_run_uses():
+    """`refinevla evaluate --help` lists each key with the default preset's value (what `make book` uses), and the
+    dataclass default beside it only where the preset changes it."""
+    from refinevla.cli import keys_help
+
+    text = keys_help(("evaluate", "refinevla"))
+    default = config.resolve("default")
+    assert f"evaluate.episodes_per_task = {default.evaluate.episodes_per_task}  (without a preset: 20)" in text
+    assert f"refinevla.batch_size = {default.refinevla.batch_size}  (without a preset: 16)" in text
+    assert "evaluate.envs_per_worker = 16\n" in text  # the preset keeps the dataclass default
