@@ -509,10 +509,6 @@ def runner(stage: stages.Stage):
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-#: name -> function of every stage of the run, in order (``runner``)
-STAGES = {stage.name: globals()[f"run_{stage.name}"] for stage in stages.run_stages()}
-
-
 def run_all(cfg: RunConfig, force=()) -> None:
     """Every stage of the run, in the declared order (refinevla.stages)."""
     for stage in stages.run_stages():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from refinevla import cli, config, markers, pipeline
+from refinevla import cli, config, markers, pipeline, stages
 
 
 class FakeDataset:
@@ -296,7 +296,7 @@ def test_every_stage_validates_the_whole_config_before_deleting(tmp_path, stand_
     cfg, files = _finished_run(tmp_path, stand_ins)
     setattr(getattr(cfg, field[0]), field[1], value)
     with pytest.raises(config.ConfigError, match=f"{field[0]}.{field[1]}"):
-        pipeline.STAGES[stage](cfg, force=["all"])
+        pipeline.runner(stages.by_name(stage))(cfg, force=["all"])
     assert {p: p.read_bytes() for p in Path(cfg.run_dir).rglob("*") if p.is_file()} == files
 
 
@@ -373,7 +373,7 @@ def test_a_toy_stage_added_with_one_declaration_is_run_forced_keyed_helped_and_p
                                                                                      capsys):
     """One Stage in refinevla.stages (and its function) is all the pipeline, the command line, the stage keys and
     the book need to know of a new stage."""
-    from refinevla import book, stages
+    from refinevla import book
 
     def run_toy(cfg, force=()):
         run = pipeline.stage_run(cfg, "toy", force)
