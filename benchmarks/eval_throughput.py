@@ -1,12 +1,13 @@
 """How close does closed-loop evaluation of a VLA get to the bare simulator's speed?
 
-    MUJOCO_GL=egl .venv/bin/python benchmarks/eval_throughput.py [--episodes 8] [--max-steps 25] [--size tiny16]
+    MUJOCO_GL=egl .venv/bin/python benchmarks/eval_throughput.py [--episodes 32] [--max-steps 40] [--size tiny16]
 
 On one robosuite task, with the same workers (2), image size (64) and camera, measures episodes/s and env steps/s of
   bare             a step + render loop with a zero action in each spawned worker: the limit (run first and last;
                    the mean of the two is the reference, their spread a hint of the noise)
   baseline_envsN   ``refinevla.evaluate.evaluate`` with an untrained tiny VLA acting directly (no rationale), each
-                   worker stepping N = 1 or 4 environments in lockstep (one batched policy call per control step)
+                   worker stepping N = 1, 4 or 16 environments in lockstep (one batched policy call per control
+                   step; with action chunks (--chunk, 4 as in the default run) the slots decode in phase)
   reasoning_envsN  the same VLA writing a rationale first (capped at --rationale-tokens; an untrained model never
                    stops earlier) at every decode
 and the ratio of each to the bare loop, in two measures:
@@ -15,7 +16,7 @@ and the ratio of each to the bare loop, in two measures:
   end-to-end  steps / wall clock of the whole call: process start, imports, model load and env builds included
               (each lockstep slot builds its own environment), so short runs understate it
 and the CPU seconds the workers used (``cpu_s``, start-up included: steadier than wall clock when the machine is
-shared). Noisy on a shared machine: the load average before and after is recorded. About 3 minutes on 2 cores.
+shared). Noisy on a shared machine: the load average before and after is recorded. About 6 minutes on 2 cores.
 
 Results go to benchmarks/results/eval_throughput.json.
 """
@@ -127,15 +128,15 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="lift")
-    ap.add_argument("--episodes", type=int, default=8, help="episodes per run (fills 2 workers x 4 slots once)")
-    ap.add_argument("--max-steps", type=int, default=25)
+    ap.add_argument("--episodes", type=int, default=32, help="episodes per run (fills 2 workers x 16 slots once)")
+    ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--camera", default="robot0_eye_in_hand")
     ap.add_argument("--size", default="tiny16" if "tiny16" in SIZES else "tiny", help="tiny model size preset")
-    ap.add_argument("--chunk", type=int, default=1, help="actions per decode (the tokenizer's action_chunk)")
+    ap.add_argument("--chunk", type=int, default=4, help="actions per decode (the tokenizer's action_chunk)")
     ap.add_argument("--rationale-tokens", type=int, default=40)
-    ap.add_argument("--envs", type=int, nargs="+", default=[1, 4], help="envs_per_worker values to run")
+    ap.add_argument("--envs", type=int, nargs="+", default=[1, 4, 16], help="envs_per_worker values to run")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
