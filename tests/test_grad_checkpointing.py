@@ -12,7 +12,7 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 
 from refinevla import train
-from refinevla.config import resolve
+from refinevla.config import ConfigError, resolve
 from refinevla.model import ModelConfig, add_lora, build_tiny_vla, load_base
 from refinevla.train import TrainConfig, joint_loss, read_metrics, to_batch
 
@@ -120,5 +120,7 @@ def test_config_key_and_alias():
     assert not any(getattr(cfg, s).gradient_checkpointing for s in ("pretrain", "baseline", "refinevla"))
     cfg = resolve("smoke", gradient_checkpointing=True)
     assert all(getattr(cfg, s).gradient_checkpointing for s in ("pretrain", "baseline", "refinevla"))
-    cfg = resolve("smoke", {"refinevla.gradient_checkpointing": "true"})  # from the command line: a string
-    assert cfg.refinevla.gradient_checkpointing is True and cfg.baseline.gradient_checkpointing is False
+    cfg = resolve("smoke", {"pretrain.gradient_checkpointing": "true"})  # from the command line: a string
+    assert cfg.pretrain.gradient_checkpointing is True and cfg.baseline.gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="refinevla.gradient_checkpointing"):  # one compared arm alone is refused
+        resolve("smoke", {"refinevla.gradient_checkpointing": "true"})

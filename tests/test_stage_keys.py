@@ -310,8 +310,8 @@ def test_each_command_lists_the_keys_it_reads(capsys, command, key, absent):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert key in out and absent not in out
-    described = {k: (d, t) for k, d, t in config.describe_keys()}
-    default, text = described[key]
+    described = {k: (d, t) for k, d, t in config.describe_keys(cfg=config.resolve("default"))}
+    default, text = described[key]  # the default run's value (the default preset), as ``refinevla config`` prints it
     assert f"{key} = {default!r}" in out and " ".join(text.split()[:4]) in " ".join(out.split())
 
 

@@ -362,4 +362,6 @@ def test_augmentation_needs_the_images_not_cached_features():
     assert resolve("smoke", {"pretrain.augment_shift": 4}).pretrain.augment_shift == 4
     with pytest.raises(ConfigError, match="baseline.augment_shift"):
         resolve("smoke", {"baseline.augment_shift": 4})
-    assert resolve("smoke", {"baseline.augment_shift": 4, "baseline.cache_frozen": False}).baseline.augment_shift == 4
+    both = {f"{arm}.{key}": value for arm in ("baseline", "refinevla")
+            for key, value in (("augment_shift", 4), ("cache_frozen", False))}  # the compared arms share them
+    assert resolve("smoke", both).baseline.augment_shift == 4
