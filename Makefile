@@ -2,7 +2,7 @@
 # Both create .venv on first use and install everything, system packages included (see README).
 #
 #   make book                       PRESET=default (the embedded default, ~38 min on 2 cores)
-#   make study                      the ablations (study preset, 3 seeds per arm, ~2-2.5 h, resumable), then their
+#   make study                      the ablations (study preset, 3 seeds per arm, ~2 h, resumable), then their
 #                                   results exported to results/study/ (committed; the book's ablation page)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"

@@ -1,7 +1,7 @@
 """Committed results of a long run: its per-episode evaluation records, its resolved config and the keys of every
 evaluated unit, exported into a small folder (``results/<run>/``) that the book reads without re-running anything.
 
-    refinevla all --preset study && refinevla export --preset study    # or: make study (~2-2.5 h on 2 cores)
+    refinevla all --preset study && refinevla export --preset study    # or: make study (~2 h on 2 cores)
 
 Files of ``results/<run>/``:
     config.yaml    the run's resolved config (RunConfig.to_dict)
