@@ -1,7 +1,7 @@
 # refinevla: `make book` runs the whole study (embedded default) and builds the book; `make test` runs the tests.
 # Both create .venv on first use and install everything, system packages included (see README).
 #
-#   make book                       PRESET=default (the embedded default, ~38 min on 2 cores)
+#   make book                       PRESET=default (the embedded default, ~18 min on 2 cores)
 #   make study                      the ablations (study preset, 3 seeds per arm, ~2 h, resumable), then their
 #                                   results exported to results/study/ (committed; the book's ablation page)
 #   make book PRESET=smoke          seconds per stage
