@@ -16,7 +16,8 @@ Two modes, each optional:
 - readout (``--checkpoint DIR``, repeatable; default the released base ``models/tiny-base``; ``none``: skip):
   greedy answers of the checkpoint, no training, to the grounding question "where is the red cube" on the held-out
   frames, scored by ``refinevla.grounding.score`` (side accuracy, within 1 cm on every axis, MAE per axis in cm),
-  split by the colour named and by the side the cube is on; counterfactual-pair consistency (both answers of a
+  split by the colour named, by the side the cube is on and by how far to the side it lies (``DISTANCE_BINS``);
+  counterfactual-pair consistency (both answers of a
   frame on the right side; both within 1 cm); and the feature spread of its image features. For a released base,
   after each later stage, and for every fine-tune.
 - train (``--train-from scratch|DIR``, repeatable; default ``scratch`` and the release; ``none``: skip): a fresh
@@ -73,6 +74,11 @@ PROMPTS = {"where": "where is the {name}", "instruction": "pick up the {name}"}
 
 
 # ------------------------------------------------------------------------------------------------ frames and rows
+#: how far the named object lies to the side of the gripper (|y| in whole cm, as the answer states it): the
+#: readout's accuracy per bin says whether the side errors are near the gripper's plane or spread over the table
+DISTANCE_BINS = {"1-2 cm": (1, 2), "3-5 cm": (3, 5), "6-10 cm": (6, 10), "11+ cm": (11, 10_000)}
+
+
 def side_of(offset_m) -> str | None:
     """"left" / "right" of the gripper as the teacher states it (y in whole cm, + is left), None below 1 cm."""
     from refinevla.grounding import true_cm
@@ -260,6 +266,8 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
 
     def subset(keep):
         sel = [i for i, r in enumerate(rows) if keep(r)]
+        if not sel:
+            return dict(n=0, side_accuracy=float("nan"), within_1cm=float("nan"))
         s = score([rows[i] for i in sel], [answers[i] for i in sel])
         return dict(n=s["n"], side_accuracy=s["side_accuracy"], within_1cm=s["within_1cm"])
 
@@ -274,6 +282,8 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
                 within_1cm=overall["within_1cm"], exact=overall["exact"], mae_cm=overall["mae_cm"],
                 by_colour={c: subset(lambda r, c=c: r["colour"] == c) for c in ("red", "green")},
                 by_side={s: subset(lambda r, s=s: r["side"] == s) for s in ("left", "right")},
+                by_distance={b: subset(lambda r, lo=lo, hi=hi: lo <= abs(true_cm(r["offset_m"])[1]) <= hi)
+                             for b, (lo, hi) in DISTANCE_BINS.items()},
                 pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near),
                 spread=feature_spread(model, images), examples=overall["examples"][:4],
                 wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))

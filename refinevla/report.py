@@ -233,7 +233,8 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
             note = (f"Closed-loop throughput on {r['task']} ({r['workers']} workers, {r['image_size']} px, "
                     f"{r['episodes']} episodes x {r['max_steps']} steps, an untrained {r['model']['size']} VLA): "
                     f"the bare step + render loop against the harness with the baseline (acts directly) and a reasoning "
-                    f"policy, one or four environments per worker; target >= 0.7 of the bare loop for the baseline. "
+                    f"policy, with {' / '.join(str(n) for n in sorted({v.get('envs_per_worker', 1) for v in r['runs'].values()}))} "
+                    f"environments per worker; target >= 0.7 of the bare loop for the baseline. "
                     f"Measured {r.get('when', '?')}.")
         elif name == "threads":
             table = pd.DataFrame(r["rows"]).set_index("setting")
@@ -243,7 +244,11 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
             rows = [{"mode": "readout", "model": x["checkpoint"], "question": x["question"], "steps": 0,
                      "accuracy": x["side_accuracy"], "pairs right": x["pair_side_consistency"],
                      "within 1 cm": x["within_1cm"], "MAE x / y / z (cm)": " / ".join(f"{v:.2f}" for v in x["mae_cm"]),
-                     "spread": f"{x['spread']:.3f}"} for x in r.get("readout", [])]
+                     "spread": f"{x['spread']:.3f}",
+                     "accuracy by distance to the side": ", ".join(f"{b}: {v['side_accuracy']:.2f} ({v['n']})"
+                                                                   for b, v in x.get("by_distance", {}).items()
+                                                                   if v["n"])}
+                    for x in r.get("readout", [])]
             rows += [{"mode": "train", "model": x["init"], "question": x["question"], "steps": x["steps"],
                       "accuracy": x["accuracy"], "pairs right": x["pairs_right"], "within 1 cm": None,
                       "MAE x / y / z (cm)": "", "spread": f"{x['spread_start']:.3f} -> {x['spread_end']:.3f}",
@@ -255,7 +260,8 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                     f"{held['seeds'][1]}, arm moved by N(0, {s['arm_noise_rad']}) rad), each asked about both cubes "
                     f"(pairs right: both answers of a frame right; the cubes lie on different sides of the gripper "
                     f"in {held['cubes_on_different_sides']:.0%} of them). Readout: greedy answers to 'where is the "
-                    f"<object>', accuracy = the side (left / right of the gripper), MAE per axis. Train: the whole "
+                    f"<object>', accuracy = the side (left / right of the gripper), also per distance of the object to the "
+                    f"side (questions in brackets), MAE per axis. Train: the whole "
                     f"model, {s['steps']} steps at lr {s['lr']:g} on one-word answers to '{s['prompt']}' about "
                     f"{s['frames']} other frames; task = the named cube's side, text_only = the colour named, "
                     f"vision_only = the red cube's side; accuracy between the two words (chance 0.5). Spread: std over "

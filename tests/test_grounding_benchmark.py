@@ -73,10 +73,11 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     assert read["checkpoint"].endswith("tiny-base") and read["questions"] == 6 and read["frames"] == 3
     shares = [read[k] for k in ("answered", "side_accuracy", "within_1cm", "exact", "pair_side_consistency",
                                 "pair_within_1cm")]
-    shares += [v[k] for part in ("by_colour", "by_side") for v in read[part].values() for k in ("side_accuracy",
-                                                                                                 "within_1cm")
-               if not math.isnan(v[k])]
+    shares += [v[k] for part in ("by_colour", "by_side", "by_distance") for v in read[part].values()
+               for k in ("side_accuracy", "within_1cm") if not math.isnan(v[k])]
     assert all(0 <= x <= 1 for x in shares)
+    assert list(read["by_distance"]) == list(bench.DISTANCE_BINS)  # every question in exactly one bin
+    assert sum(v["n"] for v in read["by_distance"].values()) == read["questions"]
     assert len(read["mae_cm"]) == 3 and read["spread"] > 0
 
     assert [(t["init"], t["question"]) for t in r["train"]] == [("scratch", "task"), ("scratch", "vision_only")]
@@ -89,4 +90,6 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
 
     [(name, table, note)] = report.benchmark_tables({"grounding": r})
     assert name == "grounding" and len(table) == 3 and "readout" in set(table["mode"])
+    shown = table.loc[table["mode"] == "readout", "accuracy by distance to the side"].iloc[0]
+    assert [part.split(":")[0] for part in shown.split(", ")] == [b for b, v in read["by_distance"].items() if v["n"]]
     assert "held-out" in note
