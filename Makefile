@@ -6,7 +6,7 @@
 #                                   results exported to results/study/ (committed; the book's ablation page)
 #   make book PRESET=smoke          seconds per stage
 #   make book ARGS="-p lambda_reason 0.5 --run lambda05"
-#   make test                       the test suite (~20 min from a fresh clone, set-up included)
+#   make test                       the test suite (~14 min from a fresh clone, set-up included)
 #   make base                       re-make the released models/tiny-base, then models/tiny-vla (~90 min, resumable)
 #   make lab                        JupyterLab with the project's environment as the kernel
 #   make bench                      speed / memory benchmarks -> benchmarks/results/
