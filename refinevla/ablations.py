@@ -60,13 +60,27 @@ def arms_table(found: dict) -> pd.DataFrame:
     return out
 
 
+def arm_order(found: dict) -> list[str]:
+    """The arms as the page lists them: the base, the baseline, ReFineVLA and ReFineVLA on the teacher's rationale,
+    then the study's variants in the order its config declares them."""
+    present = set(found["episodes"]["arm"])
+    declared = [a for a in MAIN if a in present] + [a for a in found["config"].study.arms if a in present]
+    return declared + sorted(present - set(declared))
+
+
+def episodes(found: dict) -> pd.DataFrame:
+    """The per-episode results with the arms in ``arm_order`` (tables and figures follow it)."""
+    order = {arm: i for i, arm in enumerate(arm_order(found))}
+    return found["episodes"].sort_values("arm", key=lambda s: s.map(order), kind="stable")
+
+
 def success(found: dict) -> pd.DataFrame:
-    return success_table(found["episodes"])
+    return success_table(episodes(found))
 
 
 def against(found: dict, reference: str) -> pd.DataFrame:
     """Every arm against ``reference`` on the same episodes (same fine-tuning seed, split, task, episode seed)."""
-    return comparison_table(found["episodes"], reference=reference, base_arms=("base",))
+    return comparison_table(episodes(found), reference=reference, base_arms=("base",))
 
 
 def conclusion(found: dict) -> str:

@@ -27,3 +27,18 @@ def test_the_study_results_are_committed():
     if not (archive.RESULTS / "study" / "manifest.json").exists():
         pytest.skip("results/study is not committed yet (make study, then commit results/study)")
     assert Path(archive.RESULTS / "study") in FOLDERS
+
+
+def test_the_ablation_page_lists_the_main_arms_first_then_the_variants_as_declared():
+    from refinevla import ablations
+
+    if not (archive.RESULTS / "study" / "manifest.json").exists():
+        pytest.skip("results/study is not committed yet")
+    found = archive.load(archive.RESULTS / "study")
+    shuffled = dict(found, episodes=found["episodes"].sample(frac=1.0, random_state=0))  # file order is not used
+    order = ablations.arm_order(shuffled)
+    assert order[:3] == ["base", "baseline", "refinevla"]
+    variants = [a for a in found["config"].study.arms if a in order]
+    assert [a for a in order if a in variants] == variants and set(order) == set(found["episodes"]["arm"])
+    assert list(dict.fromkeys(ablations.success(shuffled)["arm"])) == order
+    assert len(ablations.success(shuffled)) == len(ablations.success(found))
