@@ -9,7 +9,9 @@ with nearest-neighbour (pixels stay pixels) to a legible size. Pillow only.
 from __future__ import annotations
 
 import math
+import os
 import textwrap
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,8 @@ def save_episode_gif(frames: list, rationales: list, path, outcome: str, min_siz
         images.append(canvas.convert("P", palette=Image.ADAPTIVE, colors=255))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.gif")
+    # a name of this writer's own: two workers may write the same task's first failure at once (the last rename wins)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.gif")
     images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(frame_s * 1000), loop=0,
                    optimize=False)
     tmp.replace(path)

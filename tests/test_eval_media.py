@@ -98,3 +98,24 @@ def test_gif_needs_frames(tmp_path):
                             min_size=64)
     assert Image.open(path).n_frames == 2 and Image.open(path).size[0] == 64
     assert not functools.reduce(lambda a, b: a or b.suffix == ".tmp", tmp_path.iterdir(), False)
+
+
+def _save_many(path, n):
+    frames = [np.full((16, 16, 3), k, np.uint8) for k in range(3)]
+    for _ in range(n):
+        save_episode_gif(frames, ["a rationale"] * 3, path, outcome="failure")
+    return True
+
+
+def test_two_workers_writing_the_same_gif_at_once_both_succeed(tmp_path):
+    """Two evaluation workers can end a failure of the same task and split in the same tick (lockstep slots decode
+    in phase): each writes its own temporary file, the last rename wins, neither fails."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "videos" / "lift_in_distribution_failure.gif"
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        done = [pool.submit(_save_many, path, 60) for _ in range(2)]
+        assert all(f.result(timeout=120) for f in done)
+    assert Image.open(path).n_frames == 3
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
