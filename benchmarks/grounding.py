@@ -18,8 +18,10 @@ Two modes, each optional:
   frames, scored by ``refinevla.grounding.score`` (side accuracy, within 1 cm on every axis, MAE per axis in cm),
   split by the colour named, by the side the cube is on and by how far to the side it lies (``DISTANCE_BINS``);
   counterfactual-pair consistency (both answers of a
-  frame on the right side; both within 1 cm); and the feature spread of its image features. For a released base,
-  after each later stage, and for every fine-tune.
+  frame on the right side; both within 1 cm); the feature spread of its image features; and a linear probe of
+  those features (``--feature-probe``, on by default: one logistic regression per cube fitted on the training
+  frames, scored per distance bin), which says whether a side the model gets wrong is in its image features at
+  all. For a released base, after each later stage, and for every fine-tune.
 - train (``--train-from scratch|DIR``, repeatable; default ``scratch`` and the release; ``none``: skip): a fresh
   copy of the model per question, the whole model trained (AdamW, linear warm-up, cosine decay) on one-token
   answers; held-out accuracy (the answer scored between the question's two words) and feature spread every
@@ -149,8 +151,8 @@ def collect_frames(n: int, offset: int, prompt: str, image_size: int = 64, arm_n
 
 
 # ------------------------------------------------------------------------------------------------ models
-def feature_spread(model, images, batch: int = 64) -> float:
-    """std over frames of the image features (averaged over tokens and dims) / their mean magnitude."""
+def image_features(model, images, batch: int = 64):
+    """The image features the decoder reads (vision tower + projector), [frames, tokens, dims], float32 on the CPU."""
     import torch
 
     from refinevla.model import image_size, model_device, preprocess_images
@@ -165,8 +167,52 @@ def feature_spread(model, images, batch: int = 64) -> float:
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
             feats.append(out.float().cpu())
     model.train(was_training)
-    f = torch.cat(feats)
+    return torch.cat(feats)
+
+
+def feature_spread(model, images, batch: int = 64) -> float:
+    """std over frames of the image features (averaged over tokens and dims) / their mean magnitude."""
+    f = image_features(model, images, batch)
     return float(f.std(0).mean() / f.abs().mean().clamp(min=1e-12))
+
+
+def linear_side_probe(model, train_rows, held_rows, l2: float = 1e-2) -> dict:
+    """Can the image features alone say the side of each cube? One L2-regularised logistic regression per cube
+    (red, green) on the flattened, standardised image features of the training frames (L-BFGS), scored on the
+    held-out frames overall and per ``DISTANCE_BINS``. Beside the model's own answers it tells where a side error
+    comes from: features that do not separate the sides (the probe fails too), or a decoder that does not read them."""
+    import torch
+
+    from refinevla.grounding import true_cm
+
+    f_train = image_features(model, [r["image"] for r in train_rows[0::2]]).flatten(1)
+    f_held = image_features(model, [r["image"] for r in held_rows[0::2]]).flatten(1)
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train, f_held = (f_train - mean) / std, (f_held - mean) / std
+    right, far = [], []
+    for k in range(len(NAMES)):  # rows come in pairs, one per cube in NAMES order
+        y = torch.tensor([r["side"] == "left" for r in train_rows[k::2]], dtype=torch.float32)
+        w = torch.zeros(f_train.shape[1], requires_grad=True)
+        b = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(f_train @ w + b, y) + l2 * (w @ w)
+            value.backward()
+            return value
+
+        opt.step(loss)
+        with torch.no_grad():
+            said_left = ((f_held @ w + b) > 0).tolist()
+        right += [s == (r["side"] == "left") for s, r in zip(said_left, held_rows[k::2])]
+        far += [abs(true_cm(r["offset_m"])[1]) for r in held_rows[k::2]]
+    right, far = np.array(right), np.array(far)
+    bins = {}
+    for name, (lo, hi) in DISTANCE_BINS.items():
+        sel = (far >= lo) & (far <= hi)
+        bins[name] = dict(n=int(sel.sum()), side_accuracy=float(right[sel].mean()) if sel.any() else float("nan"))
+    return dict(train_frames=len(train_rows) // 2, l2=l2, side_accuracy=float(right.mean()), by_distance=bins)
 
 
 def word_id(tok, word: str) -> int:
@@ -251,8 +297,10 @@ def load_init(init: str, size: str, tok_dir: str, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------------ the two modes
-def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int = 24) -> dict:
-    """Greedy answers of ``checkpoint`` to "where is the <object>" on ``rows`` (pairs), scored."""
+def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int = 24,
+            train_rows: list[dict] | None = None) -> dict:
+    """Greedy answers of ``checkpoint`` to "where is the <object>" on ``rows`` (pairs), scored; with ``train_rows``
+    also the linear probe of its image features (``linear_side_probe``)."""
     from refinevla.grounding import answers as greedy_answers
     from refinevla.grounding import parse_offset, score, true_cm
     from refinevla.policy import load_vla
@@ -286,6 +334,7 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
                              for b, (lo, hi) in DISTANCE_BINS.items()},
                 pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near),
                 spread=feature_spread(model, images), examples=overall["examples"][:4],
+                feature_probe=linear_side_probe(model, train_rows, rows) if train_rows else None,
                 wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
 
 
@@ -370,6 +419,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokenizer", default=RELEASE, help="the tokenizer of a scratch init")
     ap.add_argument("--seed", type=int, default=0, help="scratch initialisation and data order")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--feature-probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="readout mode: also a linear probe of each checkpoint's image features for each cube's side, "
+                         "fitted on the training frames")
     ap.add_argument("--out", default=str(HERE / "results" / "grounding.json"))
     args = ap.parse_args(argv)
 
@@ -396,17 +448,20 @@ def main(argv=None) -> dict:
 
     held_rows, held_info = collect_frames(args.heldout_frames, HELDOUT_SEED_OFFSET, args.prompt, desc="held-out")
     train_rows, train_info = (collect_frames(args.frames, TRAIN_SEED_OFFSET, args.prompt, desc="training")
-                              if inits else ([], None))
+                              if inits or (checkpoints and args.feature_probe) else ([], None))
     print(f"  frames: held-out {held_info}, training {train_info}", flush=True)
 
     readouts = []
     for c in checkpoints:
         print(f"  readout of {c} ...", flush=True)
-        readouts.append(readout(c, held_rows))
+        readouts.append(readout(c, held_rows, train_rows=train_rows if args.feature_probe else None))
         r = readouts[-1]
         print(f"    side accuracy {r['side_accuracy']:.3f}, within 1 cm {r['within_1cm']:.3f}, pairs "
               f"{r['pair_side_consistency']:.3f}, MAE {[round(x, 2) for x in r['mae_cm']]} cm, spread "
               f"{r['spread']:.4f} ({r['wall_s']} s)", flush=True)
+        if r["feature_probe"]:
+            print(f"    linear probe of the image features: side accuracy {r['feature_probe']['side_accuracy']:.3f}",
+                  flush=True)
     trained = []
     for init in inits:
         for q in questions:
@@ -427,7 +482,8 @@ def main(argv=None) -> dict:
         method=("readout: greedy answers to 'where is the <object>' scored by refinevla.grounding.score; pairs: both "
                 "answers of a frame right; train: the whole model, a fresh copy per question, one-token answers, "
                 "held-out accuracy between the question's two words; spread: std over frames of the image features "
-                "(averaged over tokens and dims) / their mean magnitude, on the held-out frames"),
+                "(averaged over tokens and dims) / their mean magnitude, on the held-out frames; feature probe: a logistic "
+                "regression per cube on the flattened image features of the training frames (L2, L-BFGS)"),
         readout=readouts, train=trained, wall_s=round(time.time() - t_start, 1),
         cpu_s=round(time.process_time() - c_start, 1),
         when=time.strftime("%Y-%m-%d %H:%M"), versions=library_versions(),

@@ -245,9 +245,10 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                      "accuracy": x["side_accuracy"], "pairs right": x["pair_side_consistency"],
                      "within 1 cm": x["within_1cm"], "MAE x / y / z (cm)": " / ".join(f"{v:.2f}" for v in x["mae_cm"]),
                      "spread": f"{x['spread']:.3f}",
-                     "accuracy by distance to the side": ", ".join(f"{b}: {v['side_accuracy']:.2f} ({v['n']})"
-                                                                   for b, v in x.get("by_distance", {}).items()
-                                                                   if v["n"])}
+                     "accuracy by distance to the side": _by_distance(x.get("by_distance", {})),
+                     "image features, linear probe": (
+                         f"{x['feature_probe']['side_accuracy']:.2f} ({_by_distance(x['feature_probe']['by_distance'])})"
+                         if x.get("feature_probe") else "")}
                     for x in r.get("readout", [])]
             rows += [{"mode": "train", "model": x["init"], "question": x["question"], "steps": x["steps"],
                       "accuracy": x["accuracy"], "pairs right": x["pairs_right"], "within 1 cm": None,
@@ -261,7 +262,9 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                     f"(pairs right: both answers of a frame right; the cubes lie on different sides of the gripper "
                     f"in {held['cubes_on_different_sides']:.0%} of them). Readout: greedy answers to 'where is the "
                     f"<object>', accuracy = the side (left / right of the gripper), also per distance of the object to the "
-                    f"side (questions in brackets), MAE per axis. Train: the whole "
+                    f"side (questions in brackets), MAE per axis; image features, linear probe: a logistic regression per cube on "
+                    f"the image features the decoder reads, fitted on the training frames (is the side in the features "
+                    f"at all?). Train: the whole "
                     f"model, {s['steps']} steps at lr {s['lr']:g} on one-word answers to '{s['prompt']}' about "
                     f"{s['frames']} other frames; task = the named cube's side, text_only = the colour named, "
                     f"vision_only = the red cube's side; accuracy between the two words (chance 0.5). Spread: std over "
@@ -272,6 +275,11 @@ def benchmark_tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
             note = when
         out.append((name, table, note))
     return out
+
+
+def _by_distance(bins: dict) -> str:
+    """"1-2 cm: 0.82 (50), 3-5 cm: 0.88 (73), ..." (side accuracy per distance bin, questions in brackets)."""
+    return ", ".join(f"{b}: {v['side_accuracy']:.2f} ({v['n']})" for b, v in bins.items() if v["n"])
 
 
 def _machine(m) -> str:

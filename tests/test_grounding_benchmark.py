@@ -79,6 +79,9 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     assert list(read["by_distance"]) == list(bench.DISTANCE_BINS)  # every question in exactly one bin
     assert sum(v["n"] for v in read["by_distance"].values()) == read["questions"]
     assert len(read["mae_cm"]) == 3 and read["spread"] > 0
+    probe = read["feature_probe"]  # the image features' own linear readout, fitted on the training frames
+    assert probe["train_frames"] == 3 and 0 <= probe["side_accuracy"] <= 1
+    assert sum(v["n"] for v in probe["by_distance"].values()) == read["questions"]
 
     assert [(t["init"], t["question"]) for t in r["train"]] == [("scratch", "task"), ("scratch", "vision_only")]
     for t in r["train"]:
