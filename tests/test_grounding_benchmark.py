@@ -89,9 +89,9 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
         assert all(0 <= c["accuracy"] <= 1 and 0 <= c["pairs_right"] <= 1 and c["spread"] > 0 for c in t["curve"])
         assert t["accuracy"] == t["curve"][-1]["accuracy"] and t["step_s"] > 0
 
-    from refinevla import report
+    from refinevla import benchmark_tables
 
-    [(name, table, note)] = report.benchmark_tables({"grounding": r})
+    [(name, table, note)] = benchmark_tables.tables({"grounding": r})
     assert name == "grounding" and len(table) == 3 and "readout" in set(table["mode"])
     shown = table.loc[table["mode"] == "readout", "accuracy by distance to the side"].iloc[0]
     assert [part.split(":")[0] for part in shown.split(", ")] == [b for b, v in read["by_distance"].items() if v["n"]]

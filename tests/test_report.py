@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 
 from refinevla import figures, report
+from refinevla import benchmark_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_tables_show_each_result_with_its_target(tmp_path):
-    results = report.benchmark_results(ROOT)
-    tables = {name: (table, note) for name, table, note in report.benchmark_tables(results)}
+    results = benchmark_tables.read_results(ROOT)
+    tables = {name: (table, note) for name, table, note in benchmark_tables.tables(results)}
     assert set(tables) == {p.stem for p in (ROOT / "benchmarks" / "results").glob("*.json")}
     table, note = tables["annotate_throughput"]
     assert list(table["concurrency"][:4]) == [1, 4, 16, 64] and "target ratio >= 0.8" in note
@@ -28,7 +29,7 @@ def test_benchmark_tables_show_each_result_with_its_target(tmp_path):
     # a benchmark the report does not know is still shown, flattened
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "new_one.json").write_text(json.dumps({"a": {"b": 3}, "when": "now"}))
-    [(name, table, note)] = report.benchmark_tables(report.benchmark_results(tmp_path))
+    [(name, table, note)] = benchmark_tables.tables(benchmark_tables.read_results(tmp_path))
     assert name == "new_one" and table.loc["a.b", "value"] == 3 and "now" in note
 
 
