@@ -206,7 +206,7 @@ TABLE_COLUMNS = ["model", "task", "n_frames", "n_undefined", "share", "share_ci_
                  "lift", "lift_ci_low", "lift_ci_high", "mask_share", "image_mass", "undefined_reasons"]
 
 
-def summarize(per_frame, all_tasks: bool = True):
+def summarise(per_frame, all_tasks: bool = True):
     """The score table from per-frame records (columns model, task, share, lift, mask_share, image_mass, reason):
     one row per model and task, plus a pooled "(all)" row per model when there are several tasks."""
     import pandas as pd
@@ -368,7 +368,7 @@ def _overlay_choice(frame_tasks: list[str], defined: np.ndarray, k: int) -> list
     return picked
 
 
-def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
+def score_models(models: dict, dataset, cfg: AttentionConfig, out_dir):
     """The attention stage: maps and attention-on-target scores for every model over the same frames.
 
     ``models`` maps a display name to a model folder (load_vla); the first is the reference of the paired
@@ -388,7 +388,7 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     from .schema import require_columns
 
     if not models:
-        raise ValueError("run_attention needs at least one model {name: model_dir}")
+        raise ValueError("score_models needs at least one model {name: model_dir}")
     if isinstance(dataset, (str, Path)):
         import datasets
 
@@ -437,7 +437,7 @@ def run_attention(models: dict, dataset, cfg: AttentionConfig, out_dir):
     bar.close()
 
     per_frame = pd.DataFrame(records)
-    table = summarize(per_frame)
+    table = summarise(per_frame)
     names = list(models)
     arrays = dict(models=np.array(names), frame_index=np.array(indices, np.int64),
                   tasks=np.array([f["task"] for f in frames]),

@@ -229,10 +229,3 @@ def load_source(cfg, out_dir: str | Path):
     (out_dir / "stats.json").write_text(json.dumps(dict(source=cfg.source, frames=len(ds),
                                                         episodes=len(set(ds["episode_index"]))), indent=1))
     return ds
-
-
-def frame_strip(ds, episode_index: int, n: int = 6) -> np.ndarray:
-    """n evenly spaced frames of one episode side by side (for the data notebook)."""
-    rows = [i for i, e in enumerate(ds["episode_index"]) if e == episode_index]
-    pick = [rows[int(k)] for k in np.linspace(0, len(rows) - 1, n)]
-    return np.concatenate([np.asarray(ds[i]["image"]) for i in pick], axis=1)

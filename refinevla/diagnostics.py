@@ -29,30 +29,10 @@ def _parts(text: str) -> dict:
     return {p: (getattr(parsed, p) if parsed else None) for p in RATIONALE_PARTS}
 
 
-_AXES = {"ahead of": (0, 1), "behind": (0, -1), "left of": (1, 1), "right of": (1, -1), "above": (2, 1),
-         "below": (2, -1)}
-
-
-def spatial_offset(text: str | None) -> np.ndarray | None:
-    """The offset in cm a spatial part states ("the red cube is 4 cm left of and 9 cm below the gripper" ->
-    [0, 4, -9]); None when it states none."""
-    import re
-
-    if not text:
-        return None
-    found = re.findall(r"(\d+) cm (ahead of|behind|left of|right of|above|below)", text)
-    if not found and "at the gripper" not in text:
-        return None
-    out = np.zeros(3)
-    for cm, words in found:
-        axis, sign = _AXES[words]
-        out[axis] = sign * int(cm)
-    return out
-
-
 def rationale_accuracy(model_dir, frames, n: int = 40, seed: int = 0) -> pd.DataFrame:
     """Per held-out frame: the model's greedy rationale, the teacher's, and whether each part matches exactly."""
     from .policy import load_policy
+    from .teacher.privileged import parse_offset
 
     policy = load_policy(model_dir, reasoning=True)
     pick = np.random.default_rng(seed).choice(len(frames), size=min(n, len(frames)), replace=False)
@@ -66,7 +46,7 @@ def rationale_accuracy(model_dir, frames, n: int = 40, seed: int = 0) -> pd.Data
         rec = {"frame": i, "model": text, "teacher": reference, "well_formed": mine["observation"] is not None}
         rec.update({p: mine[p] is not None and mine[p] == teacher[p] for p in RATIONALE_PARTS})
         rec["all_parts"] = all(rec[p] for p in RATIONALE_PARTS)
-        a, b = spatial_offset(mine["spatial_reasoning"]), spatial_offset(teacher["spatial_reasoning"])
+        a, b = parse_offset(mine["spatial_reasoning"]), parse_offset(teacher["spatial_reasoning"])
         rec["spatial_within_1cm"] = a is not None and b is not None and bool(np.abs(a - b).max() <= 1) \
             and mine["spatial_reasoning"].split(" is ")[0] == teacher["spatial_reasoning"].split(" is ")[0]
         rows.append(rec)

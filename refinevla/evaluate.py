@@ -42,15 +42,15 @@ from . import rollout
 from .backends import BACKENDS, PROTOCOL_BACKENDS, backend_module  # noqa: F401  (BACKENDS: the registry)
 from .config import IN_DISTRIBUTION, SPLITS, VARIANT, EvaluateConfig  # noqa: F401 - defined with the run config
 from .records import (RECORD_KEYS, append_record, compare_table, read_records, record_key,  # noqa: F401
-                      resume_records, summarise, wilson_interval)
+                      resume_records, summarise)
 from .rollout import run_episode, video_path  # noqa: F401  (re-exported: the one episode loop)
 
-__all__ = ["EvaluateConfig", "evaluate", "WorkerPool", "validate", "strip_path", "video_path", "run_episode", "read_records",
-           "summarise", "compare_table", "wilson_interval", "RECORD_KEYS", "BACKENDS", "backend_module", "SPLITS",
+__all__ = ["EvaluateConfig", "evaluate", "WorkerPool", "episode_jobs", "strip_path", "video_path", "run_episode", "read_records",
+           "summarise", "compare_table", "RECORD_KEYS", "BACKENDS", "backend_module", "SPLITS",
            "IN_DISTRIBUTION", "VARIANT"]
 
 
-def validate(cfg: EvaluateConfig) -> list[tuple[str, str, int]]:
+def episode_jobs(cfg: EvaluateConfig) -> list[tuple[str, str, int]]:
     """Check the config and return the (task, split, seed) episode list, task by task; a ValueError names what is
     wrong. For a protocol backend (SimplerEnv), the (task, setting, seed) keys of its episode plan."""
     if not cfg.tasks:
@@ -99,7 +99,7 @@ def evaluate(policy_factory, cfg: EvaluateConfig, out_dir, pool: WorkerPool | No
     (``simpler_env``, ``maniskill3``) runs SimplerEnv's protocol instead and returns its records. ``pool``: a
     :class:`WorkerPool` made for ``cfg`` whose workers run the episodes (they outlive this call).
     """
-    jobs = validate(cfg)
+    jobs = episode_jobs(cfg)
     if pool is not None and pool.cfg != cfg:
         raise ValueError("evaluate: the WorkerPool was made for another EvaluateConfig")
     if cfg.backend in PROTOCOL_BACKENDS:

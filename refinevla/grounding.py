@@ -22,13 +22,12 @@ side accuracy (left / right of the gripper), per-axis error and the share within
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 from tqdm import tqdm
 
 from .scenes import randomized
-from .teacher.privileged import AXIS_WORDS, MAX_CM, describe_offset
+from .teacher.privileged import MAX_CM, describe_offset, parse_offset
 
 #: grounding frames: seeds SEED_OFFSET + i (training), PROBE_SEED_OFFSET + i (the held-out probe); below 50_000
 SEED_OFFSET, PROBE_SEED_OFFSET, MAX_FRAMES = 40_000, 45_000, 5_000
@@ -159,22 +158,6 @@ def concat_encoded(*parts: dict, pad_id: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the probe
-_AXIS = {word: (axis, sign) for axis, pair in enumerate(AXIS_WORDS) for word, sign in zip(pair, (1, -1))}
-_PHRASE = re.compile(r"(\d+) cm (" + "|".join(re.escape(w) for w in _AXIS) + ")")
-
-
-def parse_offset(text: str) -> np.ndarray | None:
-    """The offset (cm per axis) an answer states, or None when it states none ("... is at the gripper": zeros)."""
-    found = _PHRASE.findall(text)
-    if not found:
-        return np.zeros(3) if text.strip().endswith("at the gripper") else None
-    cm = np.zeros(3)
-    for value, word in found:
-        axis, sign = _AXIS[word]
-        cm[axis] = sign * int(value)
-    return cm
-
-
 def true_cm(offset_m) -> np.ndarray:
     """The offset as the teacher states it: whole cm per axis, 0 below 1 cm, at most MAX_CM."""
     cm = np.round(np.abs(np.asarray(offset_m, np.float64)) * 100)

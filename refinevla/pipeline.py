@@ -373,11 +373,11 @@ def run_evaluate(cfg: RunConfig, units=None, force=()):
     import pandas as pd
 
     from .backends import PROTOCOL_BACKENDS
-    from .evaluate import WorkerPool, evaluate, read_records, validate
+    from .evaluate import WorkerPool, episode_jobs, evaluate, read_records
     from .stats import comparison_table, success_table
 
     run = stage_run(cfg, "evaluate", force)
-    validate(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
+    episode_jobs(cfg.evaluate)  # a bad split, task or seed list is refused before any finished episode is deleted
     units = list(units or evaluated_units(cfg))
     trained_keys = {(arm, seed): _require_model(cfg, arm, seed) for arm, seed in units}
     frames, checks = [], []
@@ -447,7 +447,7 @@ def run_attention(cfg: RunConfig, force=()):
     grounding probe ("where is the red cube" on held-out frames, refinevla.grounding) of the base and of every
     baseline and ReFineVLA fine-tune -> attention/grounding.csv. The models are checked like the evaluation's, and
     the marker records their training keys."""
-    from .attention import run_attention as attention_maps
+    from .attention import score_models
     from .data import load_dataset_dir
 
     run = stage_run(cfg, "attention", force)
@@ -465,7 +465,7 @@ def run_attention(cfg: RunConfig, force=()):
         return pd.read_csv(out / "scores.csv")
     with run.writing(out, key) as marker:
         models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
-        table = attention_maps(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
+        table = score_models(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
         if cfg.attention.grounding_frames and cfg.data.source == "robosuite":
             from .grounding import probe_models
 

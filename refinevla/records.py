@@ -128,11 +128,6 @@ def resume_records(path: Path, retry_errors: bool) -> list[dict]:
 # metrics
 
 
-def wilson_interval(k: int, n: int) -> tuple[float, float]:
-    """Wilson 95% score interval for k successes in n trials (refinevla.stats.wilson, scipy's); (0, 1) at n = 0."""
-    return wilson(k, n)
-
-
 def summarise(records, tasks=None, split: str | None = None) -> pd.DataFrame:
     """One row per task (in ``tasks`` order, else first-seen order) and an "average" row.
 
@@ -168,7 +163,7 @@ def summarise(records, tasks=None, split: str | None = None) -> pd.DataFrame:
 
 
 def _row(k: int, n: int, rate: float, errors: int) -> dict:
-    lo, hi = wilson_interval(k, n)
+    lo, hi = wilson(k, n)
     return {"success_rate": rate, "successes": k, "n": n, "ci_low": lo, "ci_high": hi, "errors": errors}
 
 

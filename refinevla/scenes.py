@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-SPLITS = ("in_distribution", "variant")
+from .schema import SPLITS
 _SALT = 0x5CE4E  # the scene draw must not reuse the placement draw of the same seed (sim.SimTask._reseed)
 _TEXROLE_RGB = 1  # mujoco.mjtTextureRole.mjTEXROLE_RGB
 _TEXTURE = dict(randomize_local=True, local_rgb_interpolation=0.5, randomize_material=True,

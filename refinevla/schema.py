@@ -31,6 +31,9 @@ BASE_COLUMNS = ("episode_index", "step_index", "task", "instruction", "image", "
 OPTIONAL_COLUMNS = ("objects", "phase", "target_mask")
 #: Columns added by the annotate stage.
 RATIONALE_COLUMNS = ("rationale", "rationale_text", "teacher", "teacher_model", "prompt_version", "input_hash")
+#: Evaluation splits: the training scenes, and variant scenes (textures, lighting, camera) never seen in training.
+IN_DISTRIBUTION, VARIANT = "in_distribution", "variant"
+SPLITS = (IN_DISTRIBUTION, VARIANT)
 #: The four parts of a ReFineVLA rationale, in the order they are written.
 RATIONALE_PARTS = ("observation", "situation_analysis", "spatial_reasoning", "task_planning")
 #: Columns of the data stage's rows, in order: the robosuite demos have them all (``seed``: the episode's

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .fields import ConfigError, _bad, check_section, opt, set_field  # noqa: F401
-from .schema import RATIONALE_PARTS
+from .schema import IN_DISTRIBUTION, RATIONALE_PARTS, SPLITS, VARIANT  # noqa: F401  (the split names, re-exported)
 
 
 #: Size presets for the tiny model (image tokens = (image_size / patch_size) ** 2).
@@ -33,9 +33,6 @@ SIZES = {
                      text_hidden=768, text_layers=8, text_heads=8, kv_heads=1, head_dim=96, mlp=3072),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: Evaluation splits: the training scenes, and variant scenes (textures, lighting, camera) never seen in training.
-IN_DISTRIBUTION, VARIANT = "in_distribution", "variant"
-SPLITS = (IN_DISTRIBUTION, VARIANT)
 AGGREGATIONS = ("mean_heads", "rollout")
 QUERIES = ("action", "rationale")
 #: Data seeds 0..MAX_DATA_SEED give the demonstrations [seed*1000, seed*1000 + n), n <= EPISODES_PER_SEED:
@@ -47,7 +44,7 @@ RESERVED_ARMS = ("baseline", "refinevla", "base", "oracle", "pretrain")
 class _Checked:
     """A stage config: ``check_section`` converts and checks its fields, ``validate`` a whole run's. Model, training,
     attention and study configs are also checked when built; data, annotate and evaluate configs are checked by
-    their stage (``AnnotateConfig.validate``, ``evaluate.validate``), so a test can build a bad one."""
+    their stage (``AnnotateConfig.validate``, ``evaluate.episode_jobs``), so a test can build a bad one."""
 
     CHECK_ON_INIT: typing.ClassVar[bool] = True
 
@@ -348,7 +345,7 @@ class GroundingConfig(_Checked):
     release_dir: str = opt("models/tiny-base", "the released folder (relative: to the repository root)")
     eval_splits: list[str] = opt(help="the splits of the base's own closed-loop success in its model card "
                                       "(evaluate.episodes_per_task each)",
-                                 factory=lambda: ["in_distribution", "variant"])
+                                 factory=lambda: list(SPLITS))
 
 
 @dataclass

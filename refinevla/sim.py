@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .geometry import matrix_to_euler
-from .schema import ACTION_DIM, STATE_DIM
+from .schema import ACTION_DIM, SPLITS, STATE_DIM
 
 
 # -----------------------------------------------------------------------------
@@ -74,7 +74,6 @@ TASKS: dict[str, TaskSpec] = {
 #: camera, ~1.5 cm per pixel at 64 px, leaves the policy 2-3 cm off at the grasp)
 CAMERA = "robot0_eye_in_hand"
 CONTROL_FREQ = 20
-SPLITS = ("in_distribution", "variant")
 _MJOBJ_GEOM = 5  # mujoco.mjtObj.mjOBJ_GEOM (a constant, to keep mujoco out of import time)
 
 

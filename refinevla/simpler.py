@@ -17,7 +17,7 @@ from .backends.simpler_tasks import (GOOGLE_TASKS, MS3_GRIDS, ROBOTS, SETTINGS, 
                                      episode_plan, has_state, ms3_episode_id, ms3_grid_cell, robot_init_quat)
 from .geometry import euler_to_axis_angle, euler_to_quat, matrix_to_euler, quat_multiply, quat_to_matrix
 from .records import read_records as load_records
-from .records import wilson_interval
+from .stats import wilson
 from .rollout import run_episode
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "quat_to_matrix", "matrix_to_euler", "quat_multiply", "robot_init_quat", "widowx_gripper", "StickyGripper",
     "ActionConverter", "BRIDGE_DEFAULT_ROT", "select_camera_image", "resize_image", "state_from_obs", "policy_obs",
     "EpisodeSpec", "episode_plan", "SimplerConfig", "SimplerTask", "make_task", "RECORD_KEYS", "run_episode",
-    "run_simpler", "run", "load_records", "wilson_interval", "results_table",
+    "run_simpler", "run", "load_records", "wilson", "results_table",
 ]

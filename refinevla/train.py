@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -339,10 +338,6 @@ def read_metrics(out_dir: str | Path):
     path = Path(out_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return pd.DataFrame(rows)
-
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)
 
 
 # ------------------------------------------------------------------------------------------ stages

@@ -133,14 +133,14 @@ def test_summary_table_counts_undefined_and_uses_t_intervals():
                  reason="") for i, s in enumerate([0.4, 0.5, 0.6])]
     recs.append(dict(model="m", task="t", frame_index=3, share=np.nan, lift=np.nan, mask_share=np.nan,
                      image_mass=0.5, reason="target not visible (occluded or out of view: 0 mask pixels)"))
-    table = A.summarize(recs)
+    table = A.summarise(recs)
     assert list(table.columns) == A.TABLE_COLUMNS and len(table) == 1
     row = table.iloc[0]
     assert row["n_frames"] == 4 and row["n_undefined"] == 1 and row["share"] == pytest.approx(0.5)
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n)
     assert row["share_ci_low"] == pytest.approx(0.5 - half) and row["share_ci_high"] == pytest.approx(0.5 + half)
     assert row["lift"] == pytest.approx(2.0) and row["lift_ci_high"] == pytest.approx(2.0 + 4 * half)
-    clipped = A.summarize([dict(r, share=r["share"] - 0.3) for r in recs]).iloc[0]
+    clipped = A.summarise([dict(r, share=r["share"] - 0.3) for r in recs]).iloc[0]
     assert clipped["share_ci_low"] == 0.0  # a share interval never leaves [0, 1]
     assert "target not visible (1)" in row["undefined_reasons"]
     other = [dict(r, model="n", lift=r["lift"] + 1) for r in recs]
@@ -288,7 +288,7 @@ def test_run_attention_stage(tiny_models, tmp_path):
     ds = masked_dataset()
     cfg = A.AttentionConfig(frames_per_task=4, seed=0, max_rationale_tokens=8, overlay_frames=3, threads=1)
     models = {"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]}
-    table = A.run_attention(models, ds, cfg, tmp_path)
+    table = A.score_models(models, ds, cfg, tmp_path)
     assert list(table.columns) == A.TABLE_COLUMNS
     assert set(table["task"]) == {"a", "b", "(all)"} and set(table["model"]) == set(models)
     b = table[(table["task"] == "b")]
@@ -310,7 +310,7 @@ def test_run_attention_stage(tiny_models, tmp_path):
     undefined = frames[frames["reason"] != ""]
     assert len(undefined) == 2 and undefined["episode_index"].eq(3).all()
     assert pd.read_csv(tmp_path / "scores.csv").shape == table.shape
-    pd.testing.assert_frame_equal(A.summarize(pd.read_csv(tmp_path / "frames.csv")), table)
+    pd.testing.assert_frame_equal(A.summarise(pd.read_csv(tmp_path / "frames.csv")), table)
 
 
 def test_the_book_draws_action_and_rationale_maps_from_the_stage_outputs(tiny_models, tmp_path):
@@ -324,7 +324,7 @@ def test_the_book_draws_action_and_rationale_maps_from_the_stage_outputs(tiny_mo
     ds.save_to_disk(str(tmp_path / "annotate" / "dataset"))
     cfg = A.AttentionConfig(frames_per_task=2, seed=0, max_rationale_tokens=8, overlay_frames=2, threads=1,
                             open_loop=False)
-    A.run_attention({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]}, ds, cfg,
+    A.score_models({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]}, ds, cfg,
                     tmp_path / "attention")
     views = report.attention_views(tmp_path, n=3)
     assert list(views) == ["action", "rationale"]
@@ -366,7 +366,7 @@ def test_open_loop_action_errors(tiny_models, tmp_path):
     assert forced == D.action_errors(tok, ids, row["action"], prefix="teacher_rationale_")
 
     cfg = A.AttentionConfig(frames_per_task=2, seed=0, max_rationale_tokens=8, overlay_frames=2, threads=1)
-    A.run_attention({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]},
+    A.score_models({"baseline": tiny_models["baseline"], "refinevla": tiny_models["refinevla"]},
                     masked_dataset(), cfg, tmp_path)
     frames = pd.read_csv(tmp_path / "frames.csv")
     assert frames["arm_bin_error"].between(0, 255).all() and frames["gripper_agrees"].isin([True, False]).all()

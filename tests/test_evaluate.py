@@ -20,7 +20,8 @@ import torch
 
 from refinevla import evaluate as ev
 from refinevla.backends import StateUnavailableError
-from refinevla.evaluate import EvaluateConfig, compare_table, evaluate, summarise, wilson_interval
+from refinevla.evaluate import EvaluateConfig, compare_table, evaluate, summarise
+from refinevla.stats import wilson as wilson_interval  # the one Wilson interval (scipy's)
 from refinevla.policy import ZeroPolicy
 from vla_stubs import MarkerAt
 
@@ -241,7 +242,7 @@ def test_unknown_task_and_empty_seeds_raise(fake, tmp_path):
     with pytest.raises(ValueError, match="unknown backend"):
         evaluate(ZeroPolicy, EvaluateConfig(backend="gazebo"), tmp_path)
     with pytest.raises(ValueError, match="unknown task"):
-        ev.validate(EvaluateConfig(tasks=("juggle",)))  # the real robosuite table
+        ev.episode_jobs(EvaluateConfig(tasks=("juggle",)))  # the real robosuite table
     with pytest.raises(ValueError, match="envs_per_worker"):
         evaluate(ZeroPolicy, fake(tasks=("good",), envs_per_worker=0), tmp_path)
 

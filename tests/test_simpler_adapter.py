@@ -409,11 +409,11 @@ def test_adapter_without_simulator_maniskill3_loop(tmp_path):
 
 # ------------------------------------------------------------------------------------------- results table
 def test_adapter_without_simulator_wilson_interval():
-    lo, hi = S.wilson_interval(5, 10)
+    lo, hi = S.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = S.wilson_interval(0, 10)
+    lo, hi = S.wilson(0, 10)
     assert lo == 0.0 and hi == pytest.approx(3.8416 / 13.8416, abs=1e-4)
-    assert S.wilson_interval(0, 0) == (0.0, 1.0)
+    assert S.wilson(0, 0) == (0.0, 1.0)
 
 
 def test_adapter_without_simulator_results_table_shape():
@@ -437,7 +437,7 @@ def test_adapter_without_simulator_results_table_shape():
         ("visual_matching", "google_robot_move_near"), ("variant_aggregation", "google_robot_move_near"),
         ("variant_aggregation", "google_robot_pick_coke_can"), ("variant_aggregation", "average")}
     row = google[(google.setting == "visual_matching")].iloc[0]
-    assert (row.ci_low, row.ci_high) == pytest.approx(S.wilson_interval(30, 60))
+    assert (row.ci_low, row.ci_high) == pytest.approx(S.wilson(30, 60))
 
 
 def test_adapter_without_simulator_policy_factory_conventions(tmp_path):

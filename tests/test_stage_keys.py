@@ -48,7 +48,7 @@ class StandIns:
         monkeypatch.setattr(train, "split_heldout", lambda ds, every: (ds, None))
         monkeypatch.setattr(evaluate, "evaluate", self.evaluate)
         monkeypatch.setattr(pipeline, "_rationale_check", lambda cfg, model_dir, out: None)
-        monkeypatch.setattr(attention, "run_attention", self.attention)
+        monkeypatch.setattr(attention, "score_models", self.attention)
         monkeypatch.setattr(grounding, "probe_models", self.probe_models)
 
     def probe_models(self, models, n_frames, *args, **kwargs):  # the attention stage's grounding probe

@@ -166,7 +166,8 @@ def test_extra_arms_change_only_their_keys():
 def test_the_rationale_gate_reads_the_tokenizers_text_and_a_1cm_tolerance():
     import pandas as pd
 
-    from refinevla.diagnostics import gate, spatial_offset
+    from refinevla.diagnostics import gate
+    from refinevla.teacher.privileged import parse_offset as spatial_offset
     from refinevla.teacher import parse_rationale_text
 
     written = ("observation : the red cube and an open gripper situation : 9 cm from the red cube spatial : the red "

@@ -26,7 +26,7 @@ from . import cache
 from .annotate import add_rationale_columns, annotate, examples
 from .cache import AnswerCache, CacheError
 from .cost import estimate, format_estimate
-from .faithfulness import agreement_rate, check_faithfulness, summarize_faithfulness
+from .faithfulness import agreement_rate, check_faithfulness, summarise_faithfulness
 from .frames import hash_inputs, key_frame_sources, load_objects, object_name, read_rows
 from .privileged import TEMPLATE_VERSION, describe_offset, privileged_rationale, run_privileged
 from .rationale import PART_LABELS, Annotation, Rationale, as_rationale, parse_rationale_text, render_rationale
@@ -36,4 +36,4 @@ __all__ = ["AnnotateConfig", "Annotation", "AnswerCache", "CacheError", "PART_LA
            "TEMPLATE_VERSION", "add_rationale_columns", "agreement_rate", "annotate", "as_rationale", "cache",
            "check_faithfulness", "describe_offset", "estimate", "examples", "format_estimate", "hash_inputs",
            "key_frame_sources", "load_objects", "object_name", "parse_rationale_text", "privileged_rationale",
-           "read_rows", "render_rationale", "run_privileged", "summarize_faithfulness"]
+           "read_rows", "render_rationale", "run_privileged", "summarise_faithfulness"]

@@ -60,7 +60,7 @@ def check_faithfulness(rationale, objects, state) -> dict:
             "agrees": bool(target_named and direction_agrees)}
 
 
-def summarize_faithfulness(checks: list[dict]) -> dict:
+def summarise_faithfulness(checks: list[dict]) -> dict:
     """Rates over a list of check_faithfulness results (None when nothing was checked)."""
     n = len(checks)
     rate = lambda k: (sum(c[k] for c in checks) / n) if n else None
@@ -75,4 +75,4 @@ def agreement_rate(ds) -> dict:
     cols = ds.select_columns(["rationale", "objects", "state", "step_index", "rationale_source_step"])[:]
     checks = [check_faithfulness(r, o, s) for r, o, s, st, src in zip(*cols.values())
               if st == src and load_objects(o)]
-    return summarize_faithfulness(checks)
+    return summarise_faithfulness(checks)

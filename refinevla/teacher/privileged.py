@@ -12,12 +12,14 @@ frontview cameras look back at the robot, so the robot's left is on the right of
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from tqdm import tqdm
 
 from ..experts import GRASPED_OPENING
 from ..schema import require_columns
-from .faithfulness import check_faithfulness, summarize_faithfulness
+from .faithfulness import check_faithfulness, summarise_faithfulness
 from .frames import hash_inputs, load_objects, object_name, read_rows
 from .rationale import Annotation, Rationale
 
@@ -45,6 +47,27 @@ def describe_offset(name: str, offset_m) -> str:
     """"the red cube is 4 cm left of and 9 cm below the gripper" (offset = object - gripper, metres)."""
     words = offset_words(offset_m)
     return f"the {name} is {' and '.join(words)} the gripper" if words else f"the {name} is at the gripper"
+
+
+_AXIS = {word: (axis, sign) for axis, pair in enumerate(AXIS_WORDS) for word, sign in zip(pair, (1, -1))}
+_PHRASE = re.compile(r"(\d+) cm (" + "|".join(re.escape(w) for w in _AXIS) + ")")
+
+
+def parse_offset(text: str | None) -> np.ndarray | None:
+    """The offset in whole cm per axis (x, y, z) a sentence of ``describe_offset``'s grammar states: "the red cube is
+    4 cm left of and 9 cm below the gripper" -> [0, 4, -9]; "... is at the gripper" -> zeros; None when it states
+    neither (an empty or malformed answer). The one reader of that grammar: the grounding probe's answers and the
+    spatial part of a rationale."""
+    if not text:
+        return None
+    found = _PHRASE.findall(text)
+    if not found:
+        return np.zeros(3) if "at the gripper" in text else None
+    cm = np.zeros(3)
+    for value, word in found:
+        axis, sign = _AXIS[word]
+        cm[axis] = sign * int(value)
+    return cm
 
 
 def gripper_words(opening: float) -> str:
@@ -108,5 +131,5 @@ def run_privileged(demos, keys: list[int]) -> tuple[dict[int, Annotation], dict]
         out[i] = Annotation(r, "privileged", "privileged-state", TEMPLATE_VERSION, h)
         checks.append(check_faithfulness(r, row["objects"], row["state"]))
     summary = {"teacher": "privileged", "requests_sent": 0, "cost_usd": 0.0, "failed": 0,
-               "faithfulness": summarize_faithfulness(checks)}
+               "faithfulness": summarise_faithfulness(checks)}
     return out, summary

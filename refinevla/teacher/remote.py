@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .batch import run_batches
 from .cache import Answer, AnswerCache
 from .cost import cost_usd, price
-from .faithfulness import check_faithfulness, summarize_faithfulness
+from .faithfulness import check_faithfulness, summarise_faithfulness
 from .online import HttpTeacher, TeacherError, bounded_map
 from .rationale import Annotation, Rationale
 from .request import PROMPT_VERSION, Job, jobs
@@ -176,7 +176,7 @@ class HttpRun:
                    "dataset_input_tokens": dataset_in, "dataset_output_tokens": dataset_out,
                    "dataset_cost_usd": cost_usd(cfg, dataset_in, dataset_out),
                    "failed": len(self.failures), "failures": self.failures[:50],
-                   "faithfulness": summarize_faithfulness(self.checks), "mode": "batch" if cfg.batch else "online"}
+                   "faithfulness": summarise_faithfulness(self.checks), "mode": "batch" if cfg.batch else "online"}
         if batches is not None:
             summary.update(batches, batch_discount=cfg.batch_discount)
         return summary
