@@ -375,11 +375,10 @@ def score_models(models: dict, dataset, cfg: AttentionConfig, out_dir):
     differences. ``dataset`` is a datasets.Dataset in the row schema (or a folder saved with save_to_disk).
     Writes out_dir/maps.npz (the maps of ``cfg.query`` and of the rationale tokens), frames.csv (per frame, with
     the open-loop action errors of diagnostics.open_loop_errors when ``cfg.open_loop``), scores.csv (the table),
-    paired.csv, overlays.png and scores.png (figures.py); returns the table (pandas DataFrame, TABLE_COLUMNS).
+    paired.csv, and the figures (``draw_figures``); returns the table (pandas DataFrame, TABLE_COLUMNS).
     """
     import gc
 
-    import matplotlib.pyplot as plt
     import pandas as pd
     import torch
     from tqdm import tqdm
@@ -452,21 +451,30 @@ def score_models(models: dict, dataset, cfg: AttentionConfig, out_dir):
     table.to_csv(out_dir / "scores.csv", index=False)
     paired_difference(per_frame, names[0], "lift").to_csv(out_dir / "paired.csv", index=False)
 
+    draw_figures(frames, indices, maps, per_frame, table, cfg.overlay_frames, out_dir)
+    return table
+
+
+def draw_figures(frames, indices, maps, per_frame, table, overlay_frames: int, out_dir) -> None:
+    """The stage's figures from what ``score_models`` measured: out_dir/overlays.png (the maps of every model on a
+    few frames of each task, each with its score) and, when a score is defined, scores.png (figures.py)."""
+    import matplotlib.pyplot as plt
+
+    names = list(maps)
     defined = per_frame.groupby("frame_index", sort=False)["reason"].apply(lambda r: (r == "").all())
     defined = np.array([defined[i] for i in indices])
-    pick = _overlay_choice([f["task"] for f in frames], defined, cfg.overlay_frames)
+    pick = _overlay_choice([f["task"] for f in frames], defined, overlay_frames)
     lookup = per_frame.set_index(["model", "frame_index"])
     notes = {name: [_note(lookup.loc[(name, indices[p])]) for p in pick] for name in names}
     fig = plot_overlays([frames[p]["image"] for p in pick], {n: [maps[n][p] for p in pick] for n in names},
                         [frames[p]["instruction"] for p in pick], masks=[frames[p]["mask"] for p in pick],
                         notes=notes)
-    fig.savefig(out_dir / "overlays.png", dpi=110)
+    fig.savefig(Path(out_dir) / "overlays.png", dpi=110)
     plt.close(fig)
     if table["lift"].notna().any():
         fig = plot_scores(table)
-        fig.savefig(out_dir / "scores.png", dpi=110)
+        fig.savefig(Path(out_dir) / "scores.png", dpi=110)
         plt.close(fig)
-    return table
 
 
 def _note(rec) -> str:
