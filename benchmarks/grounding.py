@@ -81,6 +81,14 @@ PROMPTS = {"where": "where is the {name}", "instruction": "pick up the {name}"}
 DISTANCE_BINS = {"1-2 cm": (1, 2), "3-5 cm": (3, 5), "6-10 cm": (6, 10), "11+ cm": (11, 10_000)}
 
 
+def distance_bin(row: dict) -> str | None:
+    """The ``DISTANCE_BINS`` name of a row's object (None: less than 1 cm to the side, never a pair row)."""
+    from refinevla.grounding import true_cm
+
+    far = abs(true_cm(row["offset_m"])[1])
+    return next((name for name, (lo, hi) in DISTANCE_BINS.items() if lo <= far <= hi), None)
+
+
 def side_of(offset_m) -> str | None:
     """"left" / "right" of the gripper as the teacher states it (y in whole cm, + is left), None below 1 cm."""
     from refinevla.grounding import true_cm
@@ -183,13 +191,11 @@ def linear_side_probe(model, train_rows, held_rows, l2: float = 1e-2) -> dict:
     comes from: features that do not separate the sides (the probe fails too), or a decoder that does not read them."""
     import torch
 
-    from refinevla.grounding import true_cm
-
     f_train = image_features(model, [r["image"] for r in train_rows[0::2]]).flatten(1)
     f_held = image_features(model, [r["image"] for r in held_rows[0::2]]).flatten(1)
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     f_train, f_held = (f_train - mean) / std, (f_held - mean) / std
-    right, far = [], []
+    right, bins_of = [], []
     for k in range(len(NAMES)):  # rows come in pairs, one per cube in NAMES order
         y = torch.tensor([r["side"] == "left" for r in train_rows[k::2]], dtype=torch.float32)
         w = torch.zeros(f_train.shape[1], requires_grad=True)
@@ -206,11 +212,11 @@ def linear_side_probe(model, train_rows, held_rows, l2: float = 1e-2) -> dict:
         with torch.no_grad():
             said_left = ((f_held @ w + b) > 0).tolist()
         right += [s == (r["side"] == "left") for s, r in zip(said_left, held_rows[k::2])]
-        far += [abs(true_cm(r["offset_m"])[1]) for r in held_rows[k::2]]
-    right, far = np.array(right), np.array(far)
+        bins_of += [distance_bin(r) for r in held_rows[k::2]]
+    right, bins_of = np.array(right), np.array(bins_of, dtype=object)
     bins = {}
-    for name, (lo, hi) in DISTANCE_BINS.items():
-        sel = (far >= lo) & (far <= hi)
+    for name in DISTANCE_BINS:
+        sel = bins_of == name
         bins[name] = dict(n=int(sel.sum()), side_accuracy=float(right[sel].mean()) if sel.any() else float("nan"))
     return dict(train_frames=len(train_rows) // 2, l2=l2, side_accuracy=float(right.mean()), by_distance=bins)
 
@@ -330,8 +336,7 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
                 within_1cm=overall["within_1cm"], exact=overall["exact"], mae_cm=overall["mae_cm"],
                 by_colour={c: subset(lambda r, c=c: r["colour"] == c) for c in ("red", "green")},
                 by_side={s: subset(lambda r, s=s: r["side"] == s) for s in ("left", "right")},
-                by_distance={b: subset(lambda r, lo=lo, hi=hi: lo <= abs(true_cm(r["offset_m"])[1]) <= hi)
-                             for b, (lo, hi) in DISTANCE_BINS.items()},
+                by_distance={b: subset(lambda r, b=b: distance_bin(r) == b) for b in DISTANCE_BINS},
                 pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near),
                 spread=feature_spread(model, images), examples=overall["examples"][:4],
                 feature_probe=linear_side_probe(model, train_rows, rows) if train_rows else None,
