@@ -41,8 +41,7 @@ import pandas as pd
 from . import rollout
 from .backends import BACKENDS, PROTOCOL_BACKENDS, backend_module  # noqa: F401  (BACKENDS: the registry)
 from .config import IN_DISTRIBUTION, SPLITS, VARIANT, EvaluateConfig  # noqa: F401 - defined with the run config
-from .records import (RECORD_KEYS, append_record, compare_table, read_records, record_key,  # noqa: F401
-                      resume_records, summarise)
+from .records import RECORD_KEYS, EpisodeLog, compare_table, read_records, record_key, summarise  # noqa: F401
 from .rollout import run_episode, video_path  # noqa: F401  (re-exported: the one episode loop)
 
 __all__ = ["EvaluateConfig", "evaluate", "WorkerPool", "episode_jobs", "strip_path", "video_path", "run_episode", "read_records",
@@ -106,22 +105,16 @@ def evaluate(policy_factory, cfg: EvaluateConfig, out_dir, pool: WorkerPool | No
         return backend_module(cfg.backend).run(policy_factory, cfg, out_dir)
     out_dir = Path(out_dir)
     (out_dir / "strips").mkdir(parents=True, exist_ok=True)
-    path = out_dir / "episodes.jsonl"
-    records = resume_records(path, cfg.retry_errors)
-    done = {record_key(r) for r in records}
-    order = {job: k for k, job in enumerate(jobs)}
+    log = EpisodeLog(out_dir / "episodes.jsonl", record_key, cfg.retry_errors)
     first_seed = {split: cfg.seed_list(split)[0] for split in cfg.splits}
     videos = str(out_dir / "videos") if getattr(cfg, "videos", False) else None
     todo = [(task, split, seed, strip_path(out_dir, task, split) if cfg.strip_frames and seed == first_seed[split]
              else None, videos)
-            for task, split, seed in jobs if (task, split, seed) not in done]
-    with open(path, "a") as fh, _progress(cfg, total=len(jobs), initial=len(jobs) - len(todo)) as bar:
-        for record in _run_jobs(policy_factory, cfg, todo, pool):
-            append_record(fh, record)
-            records.append(record)
+            for task, split, seed in log.todo(jobs)]
+    with _progress(cfg, total=len(jobs), initial=len(jobs) - len(todo)) as bar:
+        for _ in log.append(_run_jobs(policy_factory, cfg, todo, pool)):
             bar.update(1)
-    records = sorted((dict(r, split=record_key(r)[1]) for r in records if record_key(r) in order),
-                     key=lambda r: order[record_key(r)])
+    records = [dict(r, split=record_key(r)[1]) for r in log.in_order(jobs)]
     df = pd.DataFrame(records, columns=list(RECORD_KEYS) + ["policy_s"])
     for k, split in enumerate(cfg.splits):
         name = "summary.csv" if k == 0 else f"summary_{split}.csv"

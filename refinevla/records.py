@@ -124,6 +124,38 @@ def resume_records(path: Path, retry_errors: bool) -> list[dict]:
     return records
 
 
+class EpisodeLog:
+    """One evaluation's ``episodes.jsonl``, the resume logic every backend shares:
+
+        log = EpisodeLog(out / "episodes.jsonl", record_key, retry_errors)
+        for record in log.append(run(log.todo(plan))): ...   # each appended (durably) as its episode ends
+        records = log.in_order(plan)
+
+    ``key(record)`` is the episode's key in the plan (``record_key``: (task, split, seed); SimplerEnv's: (task,
+    setting, variant, seed)). The records kept on resume are :func:`resume_records`'s."""
+
+    def __init__(self, path, key, retry_errors: bool = False):
+        self.path, self.key = Path(path), key
+        self.done = {key(r): r for r in resume_records(self.path, retry_errors)}
+
+    def todo(self, plan: list) -> list:
+        """The plan's keys without a record yet, in plan order."""
+        return [k for k in plan if k not in self.done]
+
+    def append(self, records):
+        """Append each record of the iterable to the file as it comes (flushed and synced before the next) and
+        yield it."""
+        with open(self.path, "a") as fh:
+            for record in records:
+                append_record(fh, record)
+                self.done[self.key(record)] = record
+                yield record
+
+    def in_order(self, plan: list) -> list[dict]:
+        """The recorded episodes of the plan, in plan order (records of other episodes in the file are left out)."""
+        return [self.done[k] for k in plan if k in self.done]
+
+
 # -----------------------------------------------------------------------------
 # metrics
 

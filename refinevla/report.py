@@ -34,23 +34,6 @@ def demo_stats_table(run_dir, folder: str = "demos") -> pd.DataFrame:
     return pd.DataFrame(stats["tasks"]).T.rename_axis("task")
 
 
-def split_examples(ecfg, n: int = 3) -> tuple[list, list]:
-    """The first frame of the first ``n`` evaluation episodes of each split (robosuite), as the policy sees them."""
-    from .scenes import describe_split
-    from .sim import make_task
-
-    images, titles = [], []
-    for split in ecfg.splits:
-        env = make_task(ecfg.tasks[0], image_size=ecfg.image_size, segmentation=False, camera=ecfg.camera, split=split)
-        for seed in ecfg.seed_list(split)[:n]:
-            obs = env.reset(seed)
-            images.append(obs["image"])
-            titles.append(f"{split.replace('_', ' ')}, seed {seed}\n{obs['instruction']}")
-        env.close()
-        print(f"{split}: {describe_split(split)}")
-    return images, titles
-
-
 def first_frames_per_task(ds, column: str = "image") -> tuple[list, list]:
     """The first frame of the first episode of each task (and its task name)."""
     seen, images, titles = set(), [], []

@@ -341,3 +341,20 @@ def make_task(task: str, image_size: int = 64, segmentation: bool = True, camera
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
     return SimTask(task, image_size=image_size, segmentation=segmentation, camera=camera or CAMERA, split=split)
+
+
+def split_examples(ecfg, n: int = 3) -> tuple[list, list]:
+    """The first frame of the first ``n`` evaluation episodes of each split of an EvaluateConfig, as the policy sees
+    them, with a title each (split, seed, instruction); prints what each split changes."""
+    from .scenes import describe_split
+
+    images, titles = [], []
+    for split in ecfg.splits:
+        env = make_task(ecfg.tasks[0], image_size=ecfg.image_size, segmentation=False, camera=ecfg.camera, split=split)
+        for seed in ecfg.seed_list(split)[:n]:
+            obs = env.reset(seed)
+            images.append(obs["image"])
+            titles.append(f"{split.replace('_', ' ')}, seed {seed}\n{obs['instruction']}")
+        env.close()
+        print(f"{split}: {describe_split(split)}")
+    return images, titles

@@ -379,19 +379,24 @@ def split_heldout(ds, every: int):
     return ds.select(np.flatnonzero(~held)), ds.select(np.flatnonzero(held))
 
 
+def tiny_tokenizer(ds, texts=(), action_chunk: int = 1) -> VLATokenizer:
+    """The word-level tokenizer of a tiny base: the words of ``ds``'s instructions (and rationales) plus ``texts``,
+    the action and state bins fit on ``ds``."""
+    return VLATokenizer.train_tiny(list(dict.fromkeys(_texts_for_tokenizer(ds) + list(texts))), *_stats_from(ds),
+                                   action_chunk=action_chunk)
+
+
 def pretrain_base(ds, model_cfg, cfg: TrainConfig, out_dir: str | Path, texts=(), heldout=None) -> Path:
     """Our stand-in for a pre-trained VLA: a tiny PaliGemma trained action-only from scratch on the demos.
 
-    Trains the tokenizer first (the instructions of ``ds``, plus ``texts``: the fine-tuning set's instructions and
+    Its tokenizer is :func:`tiny_tokenizer` of ``ds`` and ``texts`` (the fine-tuning set's instructions and
     rationales, so the fine-tunes share its vocabulary). ``heldout``: frames whose action loss is logged.
     Returns out_dir/model (config.json, model.safetensors, tokenizer, vla_tokens.json, vla.json).
     """
     from .model import build_tiny_vla, enable_gradient_checkpointing, parameter_counts
 
     out_dir = Path(out_dir)
-    action_stats, state_stats = _stats_from(ds)
-    tok = VLATokenizer.train_tiny(list(dict.fromkeys(_texts_for_tokenizer(ds) + list(texts))), action_stats,
-                                  state_stats, action_chunk=model_cfg.action_chunk)
+    tok = tiny_tokenizer(ds, texts, model_cfg.action_chunk)
     model = build_tiny_vla(model_cfg.size, tok.vocab_size, tok.image_id, tok.pad_id, seed=cfg.seed,
                            attn_implementation=model_cfg.attn_implementation)
     if cfg.gradient_checkpointing:

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from refinevla import integrity
-from refinevla.records import RecordsDamagedError, read_records, resume_records
+from refinevla.records import EpisodeLog, RecordsDamagedError, read_records, record_key, resume_records
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "dmg"
@@ -164,6 +164,26 @@ def test_record_lines(tmp_path, capsys):
     assert resume_records(path, retry_errors=False) == good[:2]  # resuming: dropped with a message, re-run
     assert "line 2 is not a valid episode record; dropped" in capsys.readouterr().err
     assert read_records(path) == good[:2]
+
+
+def test_the_episode_log_resumes_appends_and_returns_the_plan_in_order(tmp_path):
+    """The resume logic both evaluation runners share (refinevla.evaluate, refinevla.backends.simpler)."""
+    path = tmp_path / "episodes.jsonl"
+    rec = lambda seed, **kw: dict(task="t", split="in_distribution", seed=seed, success=seed % 2 == 0, **kw)
+    other = dict(rec(99), task="other")  # an episode of another plan in the same file
+    path.write_text("".join(json.dumps(r) + "\n" for r in (rec(2), other, rec(0, error="E: boom"))))
+    plan = [("t", "in_distribution", s) for s in range(4)]
+    log = EpisodeLog(path, record_key, retry_errors=True)  # the errored episode runs again
+    assert log.todo(plan) == [plan[0], plan[1], plan[3]]
+    new = [rec(3), rec(0), rec(1)]
+    appended = []
+    for r in log.append(iter(new)):
+        appended.append(r)
+        assert read_records(path)[-1] == r  # on disk before the next episode runs
+    assert appended == new
+    assert log.in_order(plan) == [rec(0), rec(1), rec(2), rec(3)]
+    assert EpisodeLog(path, record_key).todo(plan) == []  # a second resume has nothing left to run
+    assert other in read_records(path)  # nothing of another plan is lost
 
 
 def test_a_dead_teacher_endpoint_ends_in_one_line_with_the_traceback_in_the_log(copy):

@@ -28,7 +28,9 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..records import append_record, resume_records, summarise
+from tqdm import tqdm
+
+from ..records import EpisodeLog, summarise
 from ..rollout import run_episode, save_pictures, wants_video
 from . import check_state
 from .maniskill3 import ManiSkill3Sim, require_maniskill3
@@ -227,6 +229,26 @@ def _for_robot(task_env: SimplerTask, policy, robot: str, said: set) -> None:
               f"{f', unnorm key {key}' if key else ''}", flush=True)
 
 
+def _episodes(task_env: SimplerTask, policy_factory, todo: list, videos: Path | None):
+    """Run the (index, EpisodeSpec) episodes of ``todo`` one by one; yield each record as its episode ends."""
+    get_policy = _policy_source(policy_factory)
+    said: set = set()
+    cfg = task_env.cfg
+    for k, spec in todo:
+        policy = get_policy(spec.robot)  # outside the episode: a policy that cannot load stops the run
+        _for_robot(task_env, policy, spec.robot, said)
+        check_state(policy, cfg.backend, spec.task)
+        task_env.image_size = cfg.image_size if cfg.image_size is not None else getattr(policy, "image_size", None)
+        keep = wants_video(videos, spec.task, spec.setting)
+        rationales: list = []
+        record, frames = run_episode(task_env, policy, k, spec.max_steps, keep_frames=keep, rationales=rationales)
+        if record["error"] is not None:
+            task_env.close()  # the env may be broken: the next episode builds a new one
+        rec = {"task": spec.task, **record, "seed": int(spec.seed)}
+        save_pictures(spec.task, spec.setting, rec, frames, rationales, None, 0, videos)
+        yield rec
+
+
 def run_simpler(policy_factory, cfg: SimplerConfig | None = None, out_dir=".", *,
                 make_env: Callable[[EpisodeSpec], Any] | None = None) -> list[dict]:
     """Run (or resume) the evaluation; append one record per episode to ``out_dir/episodes.jsonl``.
@@ -242,35 +264,17 @@ def run_simpler(policy_factory, cfg: SimplerConfig | None = None, out_dir=".", *
     task_env = SimplerTask(cfg, plan, make_env=make_env)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "episodes.jsonl"
-    done = {_record_key(r): r for r in resume_records(path, cfg.retry_errors)}
-    todo = [(k, s) for k, s in enumerate(plan) if s.key not in done]
+    log = EpisodeLog(out / "episodes.jsonl", _record_key, cfg.retry_errors)
+    todo = [(k, s) for k, s in enumerate(plan) if s.key not in log.done]
     if todo and make_env is None:  # fail before the loop, with the install steps, not once per episode
         cfg.require()
-    get_policy = _policy_source(policy_factory)
-    said: set = set()
-    videos = out / "videos" if cfg.videos else None
     try:
-        with path.open("a") as fh:
-            for k, spec in todo:
-                policy = get_policy(spec.robot)  # outside the episode: a policy that cannot load stops the run
-                _for_robot(task_env, policy, spec.robot, said)
-                check_state(policy, cfg.backend, spec.task)
-                task_env.image_size = cfg.image_size if cfg.image_size is not None else getattr(
-                    policy, "image_size", None)
-                keep = wants_video(videos, spec.task, spec.setting)
-                rationales: list = []
-                record, frames = run_episode(task_env, policy, k, spec.max_steps, keep_frames=keep,
-                                             rationales=rationales)
-                if record["error"] is not None:
-                    task_env.close()  # the env may be broken: the next episode builds a new one
-                rec = {"task": spec.task, **record, "seed": int(spec.seed)}
-                save_pictures(spec.task, spec.setting, rec, frames, rationales, None, 0, videos)
-                append_record(fh, rec)
-                done[spec.key] = rec
+        with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="simpler episodes", unit="ep") as bar:
+            for _ in log.append(_episodes(task_env, policy_factory, todo, out / "videos" if cfg.videos else None)):
+                bar.update(1)
     finally:
         task_env.close()
-    records = [done[s.key] for s in plan if s.key in done]
+    records = log.in_order([s.key for s in plan])
     results_table(records).to_csv(out / "summary.csv", index=False)
     return records
 
