@@ -16,27 +16,26 @@ from tqdm import tqdm
 
 from .lerobot import load_lerobot
 from .scenes import randomized
-from .schema import BASE_COLUMNS, require_columns, row_features
+from .schema import BASE_COLUMNS, EPISODES_PER_SEED, MAX_DATA_SEED, require_columns, row_features
 
 EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "objects")
 
-#: Episode seed ranges, fixed before any training and disjoint by construction (tests/test_splits.py checks them):
+#: Episode seed ranges, fixed before any training and disjoint by construction (tests/test_data.py and tests/test_study.py check them):
 #:   fine-tuning demos [seed*1000, seed*1000 + n) for data seeds 0..9          ->      0 ..  9_999
 #:   evaluation, in-distribution scenes (evaluate.base_seed)                  -> 10_000 .. 19_999
 #:   evaluation, variant scenes (evaluate.variant_base_seed)                  -> 20_000 .. 29_999
 #:   pre-training demos 30_000 + [seed*1000, seed*1000 + n)                   -> 30_000 .. 39_999
 PRETRAIN_SEED_OFFSET = 30_000
-MAX_DATA_SEED = 9
 
 
 def data_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
     """Seeds of the demonstrations: offset + [seed*1000, seed*1000 + n) (offset 0: the fine-tuning set,
     PRETRAIN_SEED_OFFSET: the pre-training mixture). Evaluation seeds start at 10_000 (see the table above)."""
-    if n > 1000:
-        raise ValueError(f"data.episodes_per_task={n}: at most 1000 per data seed")
+    if n > EPISODES_PER_SEED:
+        raise ValueError(f"data.episodes_per_task={n}: at most {EPISODES_PER_SEED} per data seed")
     if not 0 <= seed <= MAX_DATA_SEED:
         raise ValueError(f"data.seed={seed}: must be in 0..{MAX_DATA_SEED} (seeds 10_000 and up are evaluation seeds)")
-    return [offset + seed * 1000 + i for i in range(n)]
+    return [offset + seed * EPISODES_PER_SEED + i for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------- one episode

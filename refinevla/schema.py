@@ -34,6 +34,9 @@ RATIONALE_COLUMNS = ("rationale", "rationale_text", "teacher", "teacher_model", 
 #: Evaluation splits: the training scenes, and variant scenes (textures, lighting, camera) never seen in training.
 IN_DISTRIBUTION, VARIANT = "in_distribution", "variant"
 SPLITS = (IN_DISTRIBUTION, VARIANT)
+#: Data seeds 0..MAX_DATA_SEED give the demonstrations [seed*1000, seed*1000 + n), n <= EPISODES_PER_SEED:
+#: disjoint from the evaluation seeds (10_000 and up) and the pre-training mixture (refinevla.data's seed table).
+MAX_DATA_SEED, EPISODES_PER_SEED = 9, 1000
 #: The four parts of a ReFineVLA rationale, in the order they are written.
 RATIONALE_PARTS = ("observation", "situation_analysis", "spatial_reasoning", "task_planning")
 #: Columns of the data stage's rows, in order: the robosuite demos have them all (``seed``: the episode's

@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .fields import ConfigError, _bad, check_section, opt, set_field  # noqa: F401
-from .schema import IN_DISTRIBUTION, RATIONALE_PARTS, SPLITS, VARIANT  # noqa: F401  (the split names, re-exported)
+from .schema import (EPISODES_PER_SEED, IN_DISTRIBUTION, MAX_DATA_SEED, RATIONALE_PARTS, SPLITS,  # noqa: F401
+                     VARIANT)  # (the split names and data seed bounds, re-exported)
 
 
 #: Size presets for the tiny model (image tokens = (image_size / patch_size) ** 2).
@@ -35,9 +36,6 @@ SIZES = {
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AGGREGATIONS = ("mean_heads", "rollout")
 QUERIES = ("action", "rationale")
-#: Data seeds 0..MAX_DATA_SEED give the demonstrations [seed*1000, seed*1000 + n), n <= EPISODES_PER_SEED:
-#: disjoint from the evaluation seeds (10_000 and up) and the pre-training mixture (refinevla.data's seed table).
-MAX_DATA_SEED, EPISODES_PER_SEED = 9, 1000
 RESERVED_ARMS = ("baseline", "refinevla", "base", "oracle", "pretrain")
 
 
