@@ -357,7 +357,7 @@ def train_probe(init: str, which: str, train_rows, held_rows, args) -> dict:
     n_image, size = num_image_tokens(model), image_size(model)
     data, held = encode(train_rows, which, tok, n_image), encode(held_rows, which, tok, n_image)
     held_images = [r["image"] for r in held_rows[0::2]]
-    cfg = TrainConfig(variant="grounding", steps=args.steps, lr=args.lr, warmup_steps=min(args.warmup, args.steps),
+    cfg = TrainConfig(arm="grounding", steps=args.steps, lr=args.lr, warmup_steps=min(args.warmup, args.steps),
                       batch_size=args.batch, min_lr_ratio=0.1, clip_grad=1.0, weight_decay=0.0, seed=args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

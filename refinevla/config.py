@@ -43,17 +43,17 @@ class RunConfig:
     annotate: AnnotateConfig = dataclasses.field(default_factory=AnnotateConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     pretrain: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        variant="pretrain", use_rationale=False, lambda_reason=0.0, steps=1500, batch_size=32, lr=1e-3))
+        arm="pretrain", use_rationale=False, lambda_reason=0.0, steps=1500, batch_size=32, lr=1e-3))
     baseline: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        variant="baseline", use_rationale=False, lambda_reason=0.0))
+        arm="baseline", use_rationale=False, lambda_reason=0.0))
     refinevla: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        variant="refinevla", use_rationale=True, lambda_reason=0.5))
+        arm="refinevla", use_rationale=True, lambda_reason=0.5))
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
     #: the released base's recipe (refinevla.recipe): stage (a) VLM pre-training, then ``pretrain`` as stage (b)
     vlm: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        variant="vlm", use_rationale=False, lambda_reason=1.0, steps=6000, batch_size=32, lr=2e-4, warmup_steps=100,
+        arm="vlm", use_rationale=False, lambda_reason=1.0, steps=6000, batch_size=32, lr=2e-4, warmup_steps=100,
         cache_frozen=False))
     grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
 
@@ -235,8 +235,14 @@ def resolve(preset: str = "default", overrides: dict | None = None, **params) ->
 def from_dict(d: dict) -> RunConfig:
     """Rebuild a RunConfig from a saved config.yaml."""
     cfg = RunConfig(name=d.get("name", "default"), root=d.get("root", "data"))
-    flat = {f"{s}.{k}": v for s in SECTIONS for k, v in (d.get(s) or {}).items()}
+    flat = {f"{s}.{_LEGACY_KEYS.get(k, k) if isinstance(getattr(cfg, s), TrainConfig) else k}": v
+            for s in SECTIONS for k, v in (d.get(s) or {}).items()}
     return apply_overrides(cfg, flat)
+
+
+#: a training section's keys as configs saved before a rename spell them (results/study/config.yaml, the released
+#: models' manifests): the run's name was "variant", a word the scene split also uses
+_LEGACY_KEYS = {"variant": "arm"}
 
 
 def config_hash(*parts) -> str:

@@ -33,7 +33,7 @@ from .markers import (StaleInputError, is_done, is_main, mark_done, read_marker,
                       stage_key, start_stage)
 from .stages import sections_upstream
 
-VARIANTS = ("baseline", "refinevla")  # the main arms: fine-tuned on every study seed
+MAIN_ARMS = ("baseline", "refinevla")  # the main arms: fine-tuned on every study seed
 BASE = "base"        # the pre-trained base, evaluated without fine-tuning
 ORACLE = "oracle"    # ReFineVLA acting after the privileged teacher's rationale (robosuite only)
 #: the config sections a model's training reads (what a refusal to use a stale model compares)
@@ -192,7 +192,7 @@ def trained_arms(cfg: RunConfig) -> list[tuple[str, int]]:
     """Every (arm, seed) fine-tune of the study: the main arms on every seed, each extra arm on the first
     ``study.arm_seeds`` seeds."""
     seeds = list(cfg.study.seeds)
-    runs = [(arm, seed) for arm in VARIANTS for seed in seeds]
+    runs = [(arm, seed) for arm in MAIN_ARMS for seed in seeds]
     return runs + [(arm, seed) for arm in cfg.study.arms for seed in seeds[:cfg.study.arm_seeds]]
 
 
@@ -201,14 +201,14 @@ def arm_configs(cfg: RunConfig, arm: str, seed: int):
     the arm it comes from (sections.with_arm_changes); the seed sets adapter initialisation and data order."""
     from .config import with_arm_changes
 
-    if arm in VARIANTS:
+    if arm in MAIN_ARMS:
         spec = {"from": arm}
     elif arm in cfg.study.arms:
         spec = dict(cfg.study.arms[arm])
     else:
-        raise ValueError(f"unknown arm {arm!r}; the study trains {list(VARIANTS) + list(cfg.study.arms)}")
+        raise ValueError(f"unknown arm {arm!r}; the study trains {list(MAIN_ARMS) + list(cfg.study.arms)}")
     tcfg, mcfg = with_arm_changes(getattr(cfg, spec.get("from", "refinevla")), cfg.model, spec, f"study.arms.{arm}")
-    return dataclasses.replace(tcfg, variant=arm, seed=seed), mcfg
+    return dataclasses.replace(tcfg, arm=arm, seed=seed), mcfg
 
 
 def train_dir(cfg: RunConfig, arm: str, seed: int) -> Path:
@@ -429,7 +429,7 @@ def _rationale_check(cfg: RunConfig, model_dir: Path, out: Path) -> None:
 
 
 def _probed_arms(cfg: RunConfig) -> list[tuple[str, int]]:  # the grounding probe reads every main fine-tune
-    return [(v, s) for v, s in trained_arms(cfg) if v in VARIANTS]
+    return [(v, s) for v, s in trained_arms(cfg) if v in MAIN_ARMS]
 
 
 def attention_key(cfg: RunConfig) -> str:
@@ -464,7 +464,7 @@ def run_attention(cfg: RunConfig, force=()):
         import pandas as pd
         return pd.read_csv(out / "scores.csv")
     with run.writing(out, key) as marker:
-        models = {v: train_dir(cfg, v, seed) / "model" for v in VARIANTS}
+        models = {v: train_dir(cfg, v, seed) / "model" for v in MAIN_ARMS}
         table = score_models(models, load_dataset_dir(cfg.stage_dir("annotate", "dataset")), cfg.attention, out)
         if cfg.attention.grounding_frames and cfg.data.source == "robosuite":
             from .grounding import probe_models

@@ -123,9 +123,9 @@ class ModelConfig(_Checked):
 
 @dataclass
 class TrainConfig(_Checked):
-    """One training run (the pre-training of the tiny base, or one fine-tune variant)."""
+    """One training run (the pre-training of the tiny base, or one fine-tune arm)."""
 
-    variant: str = opt("refinevla", "the run's name: pretrain, baseline, refinevla or an arm (its folder under train/)")
+    arm: str = opt("refinevla", "the run's name: pretrain, vlm, baseline, refinevla or a study arm (its folder under train/)")
     use_rationale: bool = opt(True, "put the teacher's rationale in the target sequence")
     lambda_reason: float = opt(0.5, "weight of L_reasoning in L = L_action + lambda * L_reasoning", ge=0.0)
     steps: int = opt(300, "optimizer steps", ge=1)
@@ -159,7 +159,7 @@ class TrainConfig(_Checked):
         if not self.rationale_parts or len(set(self.rationale_parts)) != len(self.rationale_parts):
             raise _bad(f"{prefix}.rationale_parts", self.rationale_parts,
                        f"one or more distinct parts of {list(RATIONALE_PARTS)}")
-        if self.augment_shift and self.cache_frozen and self.variant != "pretrain":
+        if self.augment_shift and self.cache_frozen and self.arm != "pretrain":
             raise _bad(f"{prefix}.augment_shift", self.augment_shift,
                        f"0 while {prefix}.cache_frozen is true (cached features are computed once per frame, "
                        "unshifted)")

@@ -260,7 +260,7 @@ def train_loop(model, data: dict, cfg: TrainConfig, out_dir: Path, stop_after: i
             cache = frozen.build_cache(unwrapped, data, batch_size=cfg.batch_size)
     last, t0, seen = {}, time.time(), 0
     interval, interval_steps = np.zeros(3), 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.variant}",
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.arm}",
                disable=not acc.is_main_process)
 
     def stop(what: str, step: int, detail: str = ""):
@@ -444,7 +444,7 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     resize_embeddings(model, tok.vocab_size)
     encode = dict(use_rationale=cfg.use_rationale, max_rationale_tokens=cfg.max_rationale_tokens,
                   position=cfg.rationale_position, parts=cfg.rationale_parts)
-    data = encode_dataset(ds, tok, num_image_tokens(model), desc=f"encode {cfg.variant}",
+    data = encode_dataset(ds, tok, num_image_tokens(model), desc=f"encode {cfg.arm}",
                           with_dropped=cfg.use_rationale and cfg.rationale_dropout > 0, **encode)
     held = None if heldout is None else encode_dataset(heldout, tok, num_image_tokens(model), desc="encode held-out",
                                                        **encode)
@@ -455,7 +455,7 @@ def finetune(ds, base: str | Path, model_cfg, cfg: TrainConfig, out_dir: str | P
     model = add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist(),
                      gradient_checkpointing=cfg.gradient_checkpointing)
     counts = parameter_counts(model)
-    print(f"{cfg.variant}: trainable {counts['trainable']:,} / {counts['total']:,} parameters "
+    print(f"{cfg.arm}: trainable {counts['trainable']:,} / {counts['total']:,} parameters "
           f"({counts['trainable_pct']:.2f}%), quantization={model_cfg.quantization}, "
           f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} policy-head rows"
           + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
@@ -472,7 +472,7 @@ def _adapter_meta(base, out_dir: Path, model_cfg, cfg: TrainConfig, action_chunk
     local = Path(base).exists()
     base_ref = os.path.relpath(Path(base).resolve(), (out_dir / "model").resolve()) if local else str(base)
     return dict(kind="adapter", base=base_ref, base_kind=getattr(model_cfg, "base", "paligemma"),
-                quantization=model_cfg.quantization, variant=cfg.variant,
+                quantization=model_cfg.quantization, arm=cfg.arm,
                 use_rationale=cfg.use_rationale, lambda_reason=cfg.lambda_reason, seed=cfg.seed,
                 rationale_position=cfg.rationale_position, rationale_dropout=cfg.rationale_dropout,
                 reasons_at_inference=cfg.reasons_at_inference, action_chunk=action_chunk,
@@ -503,7 +503,7 @@ def _finetune_remote(ds, heldout, base, model_cfg, cfg: TrainConfig, out_dir: Pa
     model = RemoteVLA(add_lora(model, model_cfg, trainable_token_ids=head_ids.tolist(),
                                gradient_checkpointing=cfg.gradient_checkpointing), layout)
     counts = parameter_counts(model)
-    print(f"{cfg.variant} ({model_cfg.base}): trainable {counts['trainable']:,} / {counts['total']:,} parameters, "
+    print(f"{cfg.arm} ({model_cfg.base}): trainable {counts['trainable']:,} / {counts['total']:,} parameters, "
           f"LoRA on the top {model_cfg.tune_top_k_layers} layers + {len(head_ids)} head rows, "
           f"statistics {layout.unnorm_key!r}")
     last = train_loop(model, data, cfg, out_dir, heldout=held, cache_frozen=False)

@@ -221,10 +221,10 @@ def tiny_models(tmp_path_factory):
     ds = synthetic_dataset()
     common = dict(batch_size=4, lr=3e-3, warmup_steps=1, log_every=10, threads=1)
     base = pretrain_base(ds, ModelConfig(size="micro"),
-                         TrainConfig(variant="pretrain", use_rationale=False, steps=3, **common), root / "pretrain")
+                         TrainConfig(arm="pretrain", use_rationale=False, steps=3, **common), root / "pretrain")
     ft = ModelConfig(size="micro", tune_top_k_layers=1, quantization="4bit")
-    refine = finetune(ds, base, ft, TrainConfig(variant="refinevla", steps=2, **common), root / "refinevla")
-    baseline = finetune(ds, base, ft, TrainConfig(variant="baseline", use_rationale=False, lambda_reason=0.0,
+    refine = finetune(ds, base, ft, TrainConfig(arm="refinevla", steps=2, **common), root / "refinevla")
+    baseline = finetune(ds, base, ft, TrainConfig(arm="baseline", use_rationale=False, lambda_reason=0.0,
                                                   steps=2, **common), root / "baseline")
     return dict(base=base, refinevla=refine, baseline=baseline)
 

@@ -47,7 +47,7 @@ def _model_cfg(standin, **kw):
 def _train_cfg(**kw):
     from refinevla.config import TrainConfig
 
-    args = dict(variant="refinevla", use_rationale=True, lambda_reason=0.5, steps=3, batch_size=4, lr=5e-3,
+    args = dict(arm="refinevla", use_rationale=True, lambda_reason=0.5, steps=3, batch_size=4, lr=5e-3,
                 warmup_steps=1, log_every=1, checkpoint_every=100, threads=1, cache_frozen=False)
     return TrainConfig(**{**args, **kw})
 

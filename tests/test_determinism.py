@@ -24,7 +24,7 @@ sys.path.insert(0, 'tests')
 from conftest import synthetic_dataset
 from refinevla import train
 from refinevla.model import ModelConfig
-cfg = train.TrainConfig(variant='pretrain', use_rationale=False, steps=12, batch_size=8, lr=3e-3, warmup_steps=3,
+cfg = train.TrainConfig(arm='pretrain', use_rationale=False, steps=12, batch_size=8, lr=3e-3, warmup_steps=3,
                         log_every=100, checkpoint_every=1000, threads=int(sys.argv[2]))
 out = train.pretrain_base(synthetic_dataset(), ModelConfig(size='micro'), cfg, sys.argv[1])
 print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())

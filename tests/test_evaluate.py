@@ -349,10 +349,10 @@ def micro_vla(tmp_path_factory):
     torch.set_num_threads(1)
     ds, root = synthetic_dataset(), tmp_path_factory.mktemp("vla")
     base = train.pretrain_base(ds, ModelConfig(size="micro"),
-                               TrainConfig(variant="pretrain", use_rationale=False, steps=30, batch_size=8,
+                               TrainConfig(arm="pretrain", use_rationale=False, steps=30, batch_size=8,
                                            lr=3e-3, warmup_steps=3, log_every=10, threads=1), root / "pretrain")
     refine = train.finetune(ds, base, ModelConfig(size="micro", tune_top_k_layers=1),
-                            TrainConfig(variant="refinevla", steps=15, batch_size=8, lr=1e-2, warmup_steps=2,
+                            TrainConfig(arm="refinevla", steps=15, batch_size=8, lr=1e-2, warmup_steps=2,
                                         log_every=5, threads=1), root / "refinevla")
     model, tok, _ = load_vla(refine)
     return model, tok

@@ -84,7 +84,7 @@ def test_same_loss_and_lora_gradients_and_the_top_layer_is_recomputed(base_dir, 
 
 
 def _run_stage(stage, ds, base_dir, checkpointing, out):
-    cfg = TrainConfig(variant="pretrain" if stage == "pretrain" else "refinevla", use_rationale=stage != "pretrain",
+    cfg = TrainConfig(arm="pretrain" if stage == "pretrain" else "refinevla", use_rationale=stage != "pretrain",
                       steps=2, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1, checkpoint_every=1000,
                       threads=1, gradient_checkpointing=checkpointing, cache_frozen=False)
     if stage == "pretrain":

@@ -36,7 +36,7 @@ class RankStandIns(StandIns):
     def finetune(self, *a, **kw):
         if markers.is_main():
             return super().finetune(*a, **kw)
-        self._log("finetune", a[4], f"{a[3].variant}/{a[3].seed}")
+        self._log("finetune", a[4], f"{a[3].arm}/{a[3].seed}")
 
 
 def _rank(rank: int, tmp_path: Path, report: Path, port: int) -> None:

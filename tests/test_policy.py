@@ -27,13 +27,13 @@ def trained(ds, tmp_path_factory):
     """A micro base, a ReFineVLA fine-tune (rationale, 4-bit base) and a baseline fine-tune of it."""
     root = tmp_path_factory.mktemp("policy")
     base = train.pretrain_base(ds, ModelConfig(size="micro"),
-                               TrainConfig(variant="pretrain", use_rationale=False, steps=30, batch_size=8,
+                               TrainConfig(arm="pretrain", use_rationale=False, steps=30, batch_size=8,
                                            lr=3e-3, warmup_steps=3, log_every=10, threads=1), root / "pretrain")
     common = dict(steps=15, batch_size=8, lr=1e-2, warmup_steps=2, log_every=5, threads=1)
     refine = train.finetune(ds, base, ModelConfig(size="micro", tune_top_k_layers=1),
-                            TrainConfig(variant="refinevla", **common), root / "refinevla")
+                            TrainConfig(arm="refinevla", **common), root / "refinevla")
     baseline = train.finetune(ds, base, ModelConfig(size="micro", tune_top_k_layers=1),
-                              TrainConfig(variant="baseline", use_rationale=False, lambda_reason=0.0, **common),
+                              TrainConfig(arm="baseline", use_rationale=False, lambda_reason=0.0, **common),
                               root / "baseline")
     return SimpleNamespace(base=base, refine=refine, baseline=baseline)
 

@@ -86,7 +86,7 @@ class StandIns:
         return model
 
     def finetune(self, ds, base, mcfg, tcfg, out, heldout_every=10):
-        self._log("finetune", out, f"{tcfg.variant}/{tcfg.seed}")
+        self._log("finetune", out, f"{tcfg.arm}/{tcfg.seed}")
         model = Path(out) / "model"
         model.mkdir(parents=True, exist_ok=True)
         (model / "vla.json").write_text(json.dumps(dict(lambda_reason=tcfg.lambda_reason)))

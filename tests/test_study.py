@@ -21,7 +21,7 @@ N_IMAGE = 16
 
 @pytest.fixture(scope="module")
 def base_dir(ds, tmp_path_factory):
-    cfg = TrainConfig(variant="pretrain", use_rationale=False, steps=10, batch_size=8, lr=3e-3, warmup_steps=2,
+    cfg = TrainConfig(arm="pretrain", use_rationale=False, steps=10, batch_size=8, lr=3e-3, warmup_steps=2,
                       log_every=5, threads=1)
     return train.pretrain_base(ds, ModelConfig(size="micro"), cfg, tmp_path_factory.mktemp("pretrain"))
 
@@ -33,7 +33,7 @@ def _adapters(model_dir):
 
 
 def _finetune(ds, base_dir, out, seed=0, steps=1, **kw):
-    cfg = TrainConfig(variant="refinevla", steps=steps, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1,
+    cfg = TrainConfig(arm="refinevla", steps=steps, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1,
                       checkpoint_every=100, threads=1, seed=seed, **kw)
     return train.finetune(ds, base_dir, ModelConfig(size="micro", tune_top_k_layers=1, quantization="none"), cfg,
                           out, heldout_every=0)

@@ -26,7 +26,7 @@ N_IMAGE = 16  # micro: 32 px / patch 8
 @pytest.fixture(scope="module")
 def base_dir(ds, tmp_path_factory):
     """A pre-trained micro base (action-only, like the real pipeline's stage 1)."""
-    cfg = TrainConfig(variant="pretrain", use_rationale=False, steps=30, batch_size=8, lr=3e-3, warmup_steps=3,
+    cfg = TrainConfig(arm="pretrain", use_rationale=False, steps=30, batch_size=8, lr=3e-3, warmup_steps=3,
                       log_every=10, threads=1)
     return train.pretrain_base(ds, ModelConfig(size="micro"), cfg, tmp_path_factory.mktemp("pretrain"))
 
@@ -172,7 +172,7 @@ def test_lora_finetune_learns_the_rationale(ds, base_dir, tmp_path):
     two fixed rationales. On the tiny scale the base never produced text, and the (tied) output embeddings of
     the rationale words are frozen: with LoRA alone L_reasoning stays near log(vocab). The paper updates "the
     upper transformer layers and the policy head"."""
-    cfg = TrainConfig(variant="refinevla", steps=40, batch_size=8, lr=1e-2, warmup_steps=3, log_every=1,
+    cfg = TrainConfig(arm="refinevla", steps=40, batch_size=8, lr=1e-2, warmup_steps=3, log_every=1,
                       checkpoint_every=1000, threads=1)
     train.finetune(ds, base_dir, ModelConfig(size="micro", tune_top_k_layers=1), cfg, tmp_path)
     m = read_metrics(tmp_path)
