@@ -316,3 +316,16 @@ def test_help_prints_the_values_the_default_run_uses():
     assert f"evaluate.episodes_per_task = {default.evaluate.episodes_per_task}  (without a preset: 20)" in text
     assert f"refinevla.batch_size = {default.refinevla.batch_size}  (without a preset: 16)" in text
     assert "evaluate.envs_per_worker = 16\n" in text  # the preset keeps the dataclass default
+
+
+def test_a_config_saved_before_the_arm_rename_loads_with_its_arms():
+    """Configs written when a training section's name key was ``variant`` (the released models' manifests, older
+    run folders) load with it as ``arm``; ``variant`` elsewhere (a split, a share) is untouched."""
+    old = config.resolve("default").to_dict()
+    for section in ("pretrain", "baseline", "refinevla", "vlm"):
+        old[section]["variant"] = old[section].pop("arm")
+    cfg = config.from_dict(old)
+    assert (cfg.baseline.arm, cfg.refinevla.arm, cfg.vlm.arm) == ("baseline", "refinevla", "vlm")
+    assert cfg.to_dict() == config.resolve("default").to_dict()
+    with pytest.raises(config.ConfigError, match="variant"):
+        config.from_dict({"evaluate": {"variant": 1}})
