@@ -33,6 +33,12 @@ Two modes, each optional:
   ``scratch`` is a randomly initialised model of ``--size`` (default: the release's size) with the release's
   tokenizer.
 
+- ceiling (``--ceiling``, on by default): the geometric ceiling of the question, no model involved: a logistic
+  regression (cubic features) from each cube's true pixel position (its segmentation centroid) to its side, alone,
+  with the gripper's true orientation, and with the orientation as the release's state tokens give it
+  (``geometric_ceiling``). The wrist camera turns with the arm, so the side of a cube next to the gripper is not in
+  the pixels alone; this says what a perfect localiser could reach from the inputs the model has.
+
 Feature spread: the image features the decoder reads (vision tower + projector, ``get_image_features``) of the
 held-out frames, [frames, tokens, dims]: the standard deviation over frames, averaged over tokens and dims, divided
 by the mean absolute feature. 0 means every frame gives the same features: the decoder cannot tell frames apart.
@@ -144,6 +150,7 @@ def collect_frames(n: int, offset: int, prompt: str, image_size: int = 64, arm_n
             frame = dict(perturbed_frame(sim, seed, arm_noise), task=TASK, seed=seed)
             pair = pair_rows(frame, used, prompt, min_pixels)
             if pair:
+                add_pixel_positions(sim, pair, image_size)
                 rows += pair
                 used += 1
             seed += 1
@@ -156,6 +163,89 @@ def collect_frames(n: int, offset: int, prompt: str, image_size: int = 64, arm_n
                                                         for i in range(0, len(rows), 2)])),
                 render_s=round(time.time() - t0, 1), render_cpu_s=round(time.process_time() - c0, 1))
     return rows, info
+
+
+def add_pixel_positions(sim, rows: list[dict], image_size: int) -> None:
+    """Each row's ``pixel_uv``: the centroid (column, row) of its cube's visible pixels in the frame just rendered,
+    as a fraction of the image side (the segmentation render of the simulator's current state)."""
+    seen = sim.render(segmentation=True)
+    plain = {v: k for k, v in dict(sim.spec.names).items()}
+    for r in rows:
+        rows_px, cols_px = np.nonzero(np.isin(seen, sim._geoms_of(plain.get(r["name"], r["name"]))))
+        r["pixel_uv"] = (float(cols_px.mean()) / image_size, float(rows_px.mean()) / image_size)
+
+
+#: the inputs of the geometric ceiling: what a perfect localiser of the cube in the image could be given
+CEILING_INPUTS = {
+    "pixel": "the cube's pixel position alone",
+    "pixel+orientation": "the cube's pixel position and the gripper's true roll, pitch, yaw",
+    "pixel+orientation tokens": "the cube's pixel position and the gripper's roll, pitch, yaw as the release's state "
+                                "tokens give them (256 bins over the range of its pre-training demonstrations, clipped)",
+}
+ORIENTATION = slice(3, 6)  # refinevla.sim.SimTask.state: eef xyz, roll, pitch, yaw, 0, gripper
+
+
+def _poly(x: np.ndarray, degree: int) -> np.ndarray:
+    """Every monomial of the columns of x up to ``degree`` (a constant column first)."""
+    import itertools
+
+    cols = [np.ones(len(x))]
+    for d in range(1, degree + 1):
+        cols += [np.prod(x[:, list(c)], axis=1) for c in itertools.combinations_with_replacement(range(x.shape[1]), d)]
+    return np.stack(cols, 1)
+
+
+def geometric_ceiling(train_rows, held_rows, state_stats, degree: int = 3, l2: float = 1e-4) -> dict:
+    """How well could a model that locates the cube in the image perfectly say its side? A logistic regression on
+    cubic features of each ``CEILING_INPUTS`` (fitted on the training frames, scored on the held-out ones, per
+    ``DISTANCE_BINS``). The wrist camera turns with the arm, so a cube 1-2 cm to the side of the gripper can sit on
+    either side of the image's centre: its side needs the camera's orientation as well as its pixels. Also: the
+    share of held-out frames whose roll, pitch or yaw lies outside the state tokens' range (clipped to the end bin)."""
+    import torch
+
+    def inputs(rows, kind):
+        uv = np.array([r["pixel_uv"] for r in rows], np.float64)
+        if kind == "pixel":
+            return uv
+        state = np.array([r["state"] for r in rows], np.float64)
+        if kind == "pixel+orientation tokens":
+            state = state_stats.decode(state_stats.encode(state)).astype(np.float64)
+        return np.c_[uv, state[:, ORIENTATION]]
+
+    y = torch.tensor([r["side"] == "left" for r in train_rows], dtype=torch.float64)
+    bins_of = np.array([distance_bin(r) for r in held_rows], dtype=object)
+    out = {}
+    for kind, meaning in CEILING_INPUTS.items():
+        x_train, x_held = _poly(inputs(train_rows, kind), degree), _poly(inputs(held_rows, kind), degree)
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-9
+        mean[0], std[0] = 0.0, 1.0
+        a = torch.tensor((x_train - mean) / std)
+        w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=2000, line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(a @ w, y) + l2 * (w[1:] @ w[1:])
+            value.backward()
+            return value
+
+        opt.step(loss)
+        with torch.no_grad():
+            said_left = (torch.tensor((x_held - mean) / std) @ w > 0).numpy()
+        right = said_left == np.array([r["side"] == "left" for r in held_rows])
+        out[kind] = dict(inputs=meaning, side_accuracy=float(right.mean()), by_distance={
+            b: dict(n=int((bins_of == b).sum()), side_accuracy=float(right[bins_of == b].mean())
+                    if (bins_of == b).any() else float("nan")) for b in DISTANCE_BINS})
+    held_state = np.array([r["state"] for r in held_rows[0::2]], np.float64)[:, ORIENTATION]
+    low, high = np.asarray(state_stats.low)[ORIENTATION], np.asarray(state_stats.high)[ORIENTATION]
+    outside = (held_state < low) | (held_state > high)
+    return dict(fits=out, degree=degree, l2=l2, train_frames=len(train_rows) // 2,
+                outside_token_range={k: float(outside[:, i].mean()) for i, k in enumerate(("roll", "pitch", "yaw"))},
+                outside_any=float(outside.any(1).mean()),
+                token_range={k: [float(low[i]), float(high[i])] for i, k in enumerate(("roll", "pitch", "yaw"))},
+                heldout_orientation_5_95={k: [float(np.percentile(held_state[:, i], 5)),
+                                              float(np.percentile(held_state[:, i], 95))]
+                                          for i, k in enumerate(("roll", "pitch", "yaw"))})
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -427,6 +517,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--feature-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="readout mode: also a linear probe of each checkpoint's image features for each cube's side, "
                          "fitted on the training frames")
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the geometric ceiling: the side from the cube's true pixel position, with and without "
+                         "the gripper's orientation (true, or as the release's state tokens give it)")
     ap.add_argument("--out", default=str(HERE / "results" / "grounding.json"))
     args = ap.parse_args(argv)
 
@@ -453,8 +546,17 @@ def main(argv=None) -> dict:
 
     held_rows, held_info = collect_frames(args.heldout_frames, HELDOUT_SEED_OFFSET, args.prompt, desc="held-out")
     train_rows, train_info = (collect_frames(args.frames, TRAIN_SEED_OFFSET, args.prompt, desc="training")
-                              if inits or (checkpoints and args.feature_probe) else ([], None))
+                              if inits or args.ceiling or (checkpoints and args.feature_probe) else ([], None))
     print(f"  frames: held-out {held_info}, training {train_info}", flush=True)
+    ceiling = None
+    if args.ceiling:
+        from refinevla.tokens import VLATokenizer
+
+        ceiling = geometric_ceiling(train_rows, held_rows, VLATokenizer.load(here(args.tokenizer)).state_stats)
+        print("  geometric ceiling (side accuracy, overall / 1-2 cm): " + ", ".join(
+            f"{k} {v['side_accuracy']:.3f} / {v['by_distance']['1-2 cm']['side_accuracy']:.3f}"
+            for k, v in ceiling["fits"].items()) + f"; orientation outside the state tokens' range in "
+            f"{ceiling['outside_any']:.0%} of the held-out frames", flush=True)
 
     readouts = []
     for c in checkpoints:
@@ -488,8 +590,10 @@ def main(argv=None) -> dict:
                 "answers of a frame right; train: the whole model, a fresh copy per question, one-token answers, "
                 "held-out accuracy between the question's two words; spread: std over frames of the image features "
                 "(averaged over tokens and dims) / their mean magnitude, on the held-out frames; feature probe: a logistic "
-                "regression per cube on the flattened image features of the training frames (L2, L-BFGS)"),
-        readout=readouts, train=trained, wall_s=round(time.time() - t_start, 1),
+                "regression per cube on the flattened image features of the training frames (L2, L-BFGS); ceiling: a logistic "
+                "regression on cubic features of the cube's true pixel centroid (and the gripper's roll, pitch, yaw: "
+                "true, or decoded from the release's state tokens), fitted on the training frames"),
+        readout=readouts, train=trained, ceiling=ceiling, wall_s=round(time.time() - t_start, 1),
         cpu_s=round(time.process_time() - c_start, 1),
         when=time.strftime("%Y-%m-%d %H:%M"), versions=library_versions(),
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(), load_avg=list(os.getloadavg())))

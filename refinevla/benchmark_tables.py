@@ -93,6 +93,10 @@ def tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                       "MAE x / y / z (cm)": "", "spread": f"{x['spread_start']:.3f} -> {x['spread_end']:.3f}",
                       "accuracy by step": ", ".join(f"{c['step']}: {c['accuracy']:.2f}" for c in x["curve"])}
                      for x in r.get("train", [])]
+            ceiling = r.get("ceiling") or {}
+            rows += [{"mode": "ceiling", "model": f"no model: {x['inputs']}", "question": "side", "steps": 0,
+                      "accuracy": x["side_accuracy"], "accuracy by distance to the side": _by_distance(x["by_distance"])}
+                     for x in ceiling.get("fits", {}).values()]
             table = pd.DataFrame(rows)
             s, held = r["settings"], r["frames"]["heldout"]
             note = (f"Grounding on {held['usable']} held-out {r['task']} frames (seeds {held['seeds'][0]}-"
@@ -106,8 +110,13 @@ def tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                     f"model, {s['steps']} steps at lr {s['lr']:g} on one-word answers to '{s['prompt']}' about "
                     f"{s['frames']} other frames; task = the named cube's side, text_only = the colour named, "
                     f"vision_only = the red cube's side; accuracy between the two words (chance 0.5). Spread: std over "
-                    f"frames of the image features / their mean magnitude. {when}; {r['wall_s'] / 60:.1f} min "
-                    f"({r.get('cpu_s', r['wall_s']) / 60:.1f} min of CPU time).")
+                    f"frames of the image features / their mean magnitude."
+                    + (f" Ceiling: what a perfect localiser could say, a logistic regression (cubic features) from the "
+                       f"cube's true pixel position, with or without the gripper's orientation, to its side; the wrist "
+                       f"camera turns with the arm, so next to the gripper the pixels alone do not tell the side. The "
+                       f"gripper's orientation lies outside the range of the release's state tokens (clipped to the "
+                       f"end bin) in {ceiling['outside_any']:.0%} of the held-out frames." if ceiling else "")
+                    + f" {when}; {r['wall_s'] / 60:.1f} min ({r.get('cpu_s', r['wall_s']) / 60:.1f} min of CPU time).")
         else:
             table = pd.json_normalize(r, sep=".").T.rename(columns={0: "value"})
             note = when

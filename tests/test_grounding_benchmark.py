@@ -83,6 +83,12 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     assert probe["train_frames"] == 3 and 0 <= probe["side_accuracy"] <= 1
     assert sum(v["n"] for v in probe["by_distance"].values()) == read["questions"]
 
+    ceiling = r["ceiling"]  # no model: the side from the cubes' true pixel positions (and the arm's orientation)
+    assert list(ceiling["fits"]) == list(bench.CEILING_INPUTS) and ceiling["train_frames"] == 3
+    for fit in ceiling["fits"].values():
+        assert 0 <= fit["side_accuracy"] <= 1 and sum(v["n"] for v in fit["by_distance"].values()) == 6
+    assert 0 <= ceiling["outside_any"] <= 1 and set(ceiling["outside_token_range"]) == {"roll", "pitch", "yaw"}
+
     assert [(t["init"], t["question"]) for t in r["train"]] == [("scratch", "task"), ("scratch", "vision_only")]
     for t in r["train"]:
         assert [c["step"] for c in t["curve"]] == [0, 1, 2] and t["steps"] == 2
@@ -92,7 +98,37 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     from refinevla import benchmark_tables
 
     [(name, table, note)] = benchmark_tables.tables({"grounding": r})
-    assert name == "grounding" and len(table) == 3 and "readout" in set(table["mode"])
+    assert name == "grounding" and len(table) == 6 and list(table["mode"]) == ["readout"] + ["train"] * 2 + ["ceiling"] * 3
     shown = table.loc[table["mode"] == "readout", "accuracy by distance to the side"].iloc[0]
     assert [part.split(":")[0] for part in shown.split(", ")] == [b for b, v in read["by_distance"].items() if v["n"]]
     assert "held-out" in note
+
+
+def test_the_ceiling_finds_the_side_when_it_needs_the_orientation_as_well_as_the_pixels(bench):
+    """Synthetic rows whose side depends on the pixel column and the roll together (as a turned wrist camera makes
+    it): the pixel alone cannot fit it, the pixel with the true orientation can, and the orientation clipped to a
+    state-token range that misses it loses it again."""
+    from refinevla.tokens import BinStats
+
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            u, roll = rng.uniform(0.3, 0.7), rng.normal(0.0, 0.1)
+            state = np.zeros(8, np.float32)
+            state[3] = roll
+            y = (0.5 - u) * 0.2 + roll * 0.3  # metres to the left of the gripper: the camera's turn moves the cube
+            y = np.sign(y) * max(abs(y), 0.011)  # at least 1 cm to a side, as every asked row is
+            out.append(dict(pixel_uv=(u, 0.5), state=state, side="left" if y > 0 else "right",
+                            offset_m=np.array([0.05, y, 0.0])))
+        return out
+
+    train, held = rows(400), rows(200)
+    # a roll range the rows never reach (as the demonstrations' range misses the perturbed arm): every roll clips to bin 0
+    tight = BinStats(low=[-1.0] * 3 + [0.25, -1.0, -1.0, -0.5, 0.0], high=[1.0] * 3 + [0.35, 1.0, 1.0, 0.5, 1.0])
+    c = bench.geometric_ceiling(train, held, tight)
+    fits = {k: v["side_accuracy"] for k, v in c["fits"].items()}
+    assert fits["pixel+orientation"] >= 0.97 and fits["pixel"] <= 0.85, fits
+    assert fits["pixel+orientation tokens"] <= fits["pixel"] + 0.05, fits  # the clipped roll says almost nothing
+    assert c["outside_token_range"]["roll"] > 0.8 and c["outside_any"] > 0.8
