@@ -43,9 +43,10 @@ Feature spread: the image features the decoder reads (vision tower + projector, 
 held-out frames, [frames, tokens, dims]: the standard deviation over frames, averaged over tokens and dims, divided
 by the mean absolute feature. 0 means every frame gives the same features: the decoder cannot tell frames apart.
 
-Time at the default size (one torch thread): 8.1 min of CPU time, 13.9 min of wall time beside another busy job on
-2 cores (2026-12-06, results/grounding.json); the result file records both (``wall_s``, ``cpu_s``, per run and the
-median step).
+Time at the default size (one torch thread), with both releases read out (the committed result:
+``--checkpoint models/tiny-base --checkpoint models/tiny-vla``): 6.3 min of CPU time, 9.6 min of wall time beside
+another busy job on 2 cores (2026-12-07, results/grounding.json); the result file records both (``wall_s``,
+``cpu_s``, per run and the median step).
 """
 from __future__ import annotations
 
