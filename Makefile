@@ -69,7 +69,7 @@ bench: setup
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/finetune_cache.py
 	$(BIN)/python benchmarks/threads.py
-	$(BIN)/python benchmarks/grounding.py
+	$(BIN)/python benchmarks/grounding.py --checkpoint models/tiny-base --checkpoint models/tiny-vla
 
 setup: system $(STAMP) book/_static/mathjax/tex-mml-chtml.js
 
