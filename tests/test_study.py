@@ -158,8 +158,8 @@ def test_extra_arms_change_only_their_keys():
     base_t, base_m = arm_configs(cfg, "refinevla", 0)
     drop_t, drop_m = arm_configs(cfg, "dropout", 0)
     assert drop_t.rationale_dropout == 0.5 and not drop_t.reasons_at_inference and base_t.reasons_at_inference
-    assert {k: v for k, v in vars(drop_t).items() if k not in ("rationale_dropout", "variant")} == \
-           {k: v for k, v in vars(base_t).items() if k not in ("rationale_dropout", "variant")}
+    assert {k: v for k, v in vars(drop_t).items() if k not in ("rationale_dropout", "arm")} == \
+           {k: v for k, v in vars(base_t).items() if k not in ("rationale_dropout", "arm")}
     assert ("baseline", 1) in trained_arms(cfg) and ("dropout", 1) not in trained_arms(cfg)
 
 
