@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .schema import ACTION_DIM
+from .sequences import join, pad
 
 BASE_KINDS = ("paligemma", "spatialvla", "openvla")
 REMOTE_KINDS = ("spatialvla", "openvla")
@@ -48,7 +49,6 @@ DEFAULT_UNNORM_KEY = {"spatialvla": "bridge_orig/1.0.0", "openvla": "bridge_orig
 ROBOT_UNNORM_KEY = {"spatialvla": {"widowx": "bridge_orig/1.0.0", "google_robot": "fractal20220817_data/0.1.0"},
                     "openvla": {"widowx": "bridge_orig", "google_robot": "fractal20220817_data"}}
 META_FILE = "remote_base.json"
-PREFIX, REASON, ACTION = 0, 1, 2  # as refinevla.train
 OPENVLA_EMPTY = 29871  # Llama's "" token that OpenVLA's predict_action appends after "Out:"
 
 
@@ -240,14 +240,8 @@ class RemoteBase:
     def build_sequence(self, instruction: str, chunk, rationale: str | None = None, max_rationale_tokens: int = 96,
                        position: str = "before"):
         """(input_ids, token_type_ids, part): prompt (type 0) | rationale and action tokens (type 1, causal)."""
-        prompt = self.prompt_ids(instruction)
         reason = self.text_ids(rationale)[:max_rationale_tokens] if rationale else []
-        actions = self.action_to_ids(chunk)
-        if position == "after":
-            target, part = actions + reason, [ACTION] * len(actions) + [REASON] * len(reason)
-        else:
-            target, part = reason + actions, [REASON] * len(reason) + [ACTION] * len(actions)
-        return prompt + target, [0] * len(prompt) + [1] * len(target), [PREFIX] * len(prompt) + part
+        return join(self.prompt_ids(instruction), reason, self.action_to_ids(chunk), position)
 
     def encode_dataset(self, ds, use_rationale: bool, max_rationale_tokens: int = 96, position: str = "before",
                        with_dropped: bool = False, chunks=None, texts=None) -> dict:
@@ -265,15 +259,7 @@ class RemoteBase:
             img = img if hasattr(img, "convert") else Image.fromarray(np.asarray(img, np.uint8))
             images.append(np.asarray(img.convert("RGB").resize((self.image_size, self.image_size),
                                                                Image.BILINEAR), np.uint8))
-        images = images + images if with_dropped else images
-        length, n = max(len(s[0]) for s in seqs), len(seqs)
-        data = dict(input_ids=np.full((n, length), self.pad_id, np.int64),
-                    token_type_ids=np.ones((n, length), np.int64), part=np.full((n, length), PREFIX, np.int64),
-                    attention_mask=np.zeros((n, length), np.int64))
-        for i, (ids, tt, pt) in enumerate(seqs):
-            for k, v in zip(("input_ids", "token_type_ids", "part", "attention_mask"), (ids, tt, pt, [1] * len(ids))):
-                data[k][i, :len(ids)] = v
-        return dict(data, images=np.stack(images), n_rows=len(rows))
+        return pad(seqs, images + images if with_dropped else images, self.pad_id, n_rows=len(rows))
 
     # -- the model's inputs
     def model_inputs(self, input_ids, pixel_values, attention_mask, token_type_ids, dtype=None) -> dict:

@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .scenes import randomized
+from .sequences import join, pad
 from .teacher.privileged import MAX_CM, describe_offset, parse_offset
 
 #: grounding frames: seeds SEED_OFFSET + i (training), PROBE_SEED_OFFSET + i (the held-out probe); below 50_000
 SEED_OFFSET, PROBE_SEED_OFFSET, MAX_FRAMES = 40_000, 45_000, 5_000
-PART_REASON = 1  # as refinevla.train.REASON
 
 
 def question(name: str) -> str:
@@ -121,40 +121,11 @@ def grounding_rows(frames, min_pixels: int = 4) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ sequences
 def encode_rows(rows, tok, n_image: int) -> dict:
-    """Rows as training sequences in the layout of refinevla.train (prompt, then the answer and ACTION: as
-    targets with token type 1, feeding L_reasoning); the same dict as ``train.encode_dataset``."""
-    seqs = []
-    for r in rows:
-        prompt = tok.prompt_ids(r["question"], r["state"], n_image)
-        target = tok.text_ids(r["answer"]) + [tok.marker_id]
-        seqs.append((prompt + target, [0] * len(prompt) + [1] * len(target), [0] * len(prompt) + [PART_REASON] * len(target)))
-    return _pad(seqs, [r["image"] for r in rows], tok.pad_id)
-
-
-def _pad(seqs, images, pad_id: int) -> dict:
-    length, n = max(len(s[0]) for s in seqs), len(seqs)
-    out = dict(input_ids=np.full((n, length), pad_id, np.int64), token_type_ids=np.ones((n, length), np.int64),
-               part=np.zeros((n, length), np.int64), attention_mask=np.zeros((n, length), np.int64))
-    for i, (ids, tt, pt) in enumerate(seqs):
-        k = len(ids)
-        out["input_ids"][i, :k], out["token_type_ids"][i, :k], out["part"][i, :k] = ids, tt, pt
-        out["attention_mask"][i, :k] = 1
-    out["images"] = np.stack([np.asarray(im, np.uint8) for im in images])
-    out["n_rows"] = n
-    return out
-
-
-def concat_encoded(*parts: dict, pad_id: int = 0) -> dict:
-    """Several encoded sets (encode_rows, train.encode_dataset) as one, right-padded to the longest row: the
-    co-training mixture of the base's second stage."""
-    length = max(p["input_ids"].shape[1] for p in parts)
-    out = {}
-    for key, fill in (("input_ids", pad_id), ("token_type_ids", 1), ("part", 0), ("attention_mask", 0)):
-        out[key] = np.concatenate([np.pad(p[key][:p["n_rows"]], ((0, 0), (0, length - p[key].shape[1])),
-                                          constant_values=fill) for p in parts])
-    out["images"] = np.concatenate([p["images"][:p["n_rows"]] for p in parts])
-    out["n_rows"] = len(out["input_ids"])
-    return out
+    """Rows as training sequences (refinevla.sequences: the prompt, then the answer as the rationale and ACTION:,
+    targets with token type 1 feeding L_reasoning, no actions); the same dict as ``train.encode_dataset``."""
+    seqs = [join(tok.prompt_ids(r["question"], r["state"], n_image), tok.text_ids(r["answer"]), [],
+                 marker=tok.marker_id) for r in rows]
+    return pad(seqs, [r["image"] for r in rows], tok.pad_id)
 
 
 # ------------------------------------------------------------------------------------------------ the probe

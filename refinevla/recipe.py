@@ -140,10 +140,11 @@ def run_base(cfg, force=()) -> Path:
     """Make the released base (module docstring) -> cfg.grounding.release_dir; returns that folder."""
     from . import markers
     from .data import generate_demos, load_dataset_dir
-    from .grounding import concat_encoded, encode_rows, frames_from_demos, grounding_rows, probe
+    from .grounding import encode_rows, frames_from_demos, grounding_rows, probe
     from .markers import mark_done, start_stage
     from .model import build_tiny_vla, load_base, parameter_counts
     from .pipeline import _pretrain_data_key, _validate
+    from .sequences import concat
     from .train import _save_model_dir, _stats_from, encode_dataset, num_image_tokens, train_loop
 
     _validate(cfg)
@@ -218,7 +219,7 @@ def run_base(cfg, force=()) -> Path:
         start_stage(vla_dir, keys["vla"], fresh=forced)
         demo_rows = grounding_rows(frames_from_demos(demos, g.demo_every), g.min_pixels) if g.demo_every else []
         actions = encode_dataset(demos, tok, n_image, use_rationale=False, desc="encode demos")
-        data = concat_encoded(actions, encode_rows(train_rows + demo_rows, tok, n_image), pad_id=tok.pad_id)
+        data = concat(actions, encode_rows(train_rows + demo_rows, tok, n_image), pad_id=tok.pad_id)
         print(f"stage (b): {actions['n_rows']} action rows + {len(train_rows) + len(demo_rows)} grounding rows")
         last = train_loop(model, data, cfg.pretrain, vla_dir, heldout=encode_rows(probe_rows, tok, n_image))
         meta = dict(kind="base", size=cfg.model.size, parameters=parameter_counts(model), final_metrics=last,

@@ -1,16 +1,10 @@
 """Fine-tuning: sequences, the joint loss L = L_action + lambda * L_reasoning, the loop (its checkpoints and resume:
 refinevla.checkpoints).
 
-Sequence layout (one row = one frame; k = the tokenizer's action chunk):
-
-    [<image> x N][<bos> instruction state-bins <sep>] | [rationale tokens] ACTION: [7k action bins]
-    token_type_ids: 0 ...............................  | 1 ......................................
-    part:           PREFIX (no loss)                  | REASON ..................... | ACTION ...
-
-``rationale_position: after`` (ECoT-Lite's reasoning after the action) writes ``ACTION: [7k bins] [rationale]``:
-the actions cannot attend to the rationale, which only shapes the representation; ``rationale_dropout: p``
-(ECoT-Lite's reasoning dropout) trains each sample without its rationale with probability p, so the policy can
-act without writing one.
+Sequence layout (one row = one frame): refinevla.sequences. ``rationale_position: after`` (ECoT-Lite's reasoning
+after the action) puts the rationale after the action tokens, so the actions cannot attend to it and it only shapes
+the representation; ``rationale_dropout: p`` (ECoT-Lite's reasoning dropout) trains each sample without its
+rationale with probability p, so the policy can act without writing one.
 
 token_type_ids = 1 on every target token is what makes PaliGemma's prefix-LM mask causal over the targets
 (with zeros there, each target sees the ones after it and training collapses; tests/test_model.py checks it).
@@ -35,9 +29,9 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint, trun
 from .config import TrainConfig  # noqa: F401 - defined with the run config
 from .model import image_size, num_image_tokens
 from .schema import RATIONALE_PARTS, require_columns
+from .sequences import ACTION, PREFIX, REASON, join, pad
 from .tokens import VLATokenizer
 
-PREFIX, REASON, ACTION = 0, 1, 2
 IGNORE = -100
 
 
@@ -48,15 +42,7 @@ def build_sequence(tok: VLATokenizer, instruction: str, state, action, n_image: 
     ``action``: float[7] or the chunk float[k, 7] (k = the tokenizer's action_chunk)."""
     prompt = tok.prompt_ids(instruction, np.asarray(state), n_image)
     reason = tok.text_ids(rationale)[:max_rationale_tokens] if rationale else []
-    actions = tok.action_to_ids(np.asarray(action))
-    if position == "after":  # ACTION: bins, then the rationale: the marker is forced (no loss), as in the baseline
-        target = [tok.marker_id] + actions + reason
-        part = [PREFIX] * len(prompt) + [PREFIX] + [ACTION] * len(actions) + [REASON] * len(reason)
-    else:
-        target = reason + [tok.marker_id] + actions
-        marker_part = REASON if reason else PREFIX  # the baseline's marker is always forced: no loss on it
-        part = [PREFIX] * len(prompt) + [REASON] * len(reason) + [marker_part] + [ACTION] * len(actions)
-    return prompt + target, [0] * len(prompt) + [1] * len(target), part
+    return join(prompt, reason, tok.action_to_ids(np.asarray(action)), position, marker=tok.marker_id)
 
 
 def action_chunks(ds, chunk: int) -> np.ndarray:
@@ -102,16 +88,7 @@ def encode_dataset(ds, tok: VLATokenizer, n_image: int, use_rationale: bool, max
         for i, row in enumerate(ds.select_columns(["instruction", "state"])):
             seqs.append(build_sequence(tok, row["instruction"], row["state"], chunks[i], n_image, None))
         images = images + images
-    length = max(len(s[0]) for s in seqs)
-    n = len(seqs)
-    input_ids = np.full((n, length), tok.pad_id, np.int64)
-    token_type = np.ones((n, length), np.int64)
-    part = np.full((n, length), PREFIX, np.int64)
-    attention = np.zeros((n, length), np.int64)
-    for i, (ids, tt, pt) in enumerate(seqs):
-        input_ids[i, :len(ids)], token_type[i, :len(ids)], part[i, :len(ids)], attention[i, :len(ids)] = ids, tt, pt, 1
-    return dict(input_ids=input_ids, token_type_ids=token_type, part=part, attention_mask=attention,
-                images=np.stack(images), n_rows=n_rows)
+    return pad(seqs, images, tok.pad_id, n_rows=n_rows)
 
 
 def resolve_threads(threads: int = 0) -> int:

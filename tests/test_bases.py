@@ -20,7 +20,8 @@ from build import STATS, UNNORM_KEY, build_spatialvla  # noqa: E402
 
 from conftest import synthetic_dataset  # noqa: E402
 from refinevla import bases  # noqa: E402
-from refinevla.bases import ACTION, PREFIX, REASON, RemoteBase, RemotePolicy, RemoteVLA  # noqa: E402
+from refinevla.bases import RemoteBase, RemotePolicy, RemoteVLA  # noqa: E402
+from refinevla.sequences import ACTION, PREFIX, REASON  # noqa: E402
 
 torch.set_num_threads(1)
 
