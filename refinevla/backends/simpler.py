@@ -265,7 +265,8 @@ def run_simpler(policy_factory, cfg: SimplerConfig | None = None, out_dir=".", *
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = EpisodeLog(out / "episodes.jsonl", _record_key, cfg.retry_errors)
-    todo = [(k, s) for k, s in enumerate(plan) if s.key not in log.done]
+    pending = set(log.todo([s.key for s in plan]))
+    todo = [(k, s) for k, s in enumerate(plan) if s.key in pending]
     if todo and make_env is None:  # fail before the loop, with the install steps, not once per episode
         cfg.require()
     try:
