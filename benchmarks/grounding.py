@@ -18,7 +18,9 @@ Two modes, each optional:
   frames, scored by ``refinevla.grounding.score`` (side accuracy, within 1 cm on every axis, MAE per axis in cm),
   split by the colour named, by the side the cube is on and by how far to the side it lies (``DISTANCE_BINS``);
   counterfactual-pair consistency (both answers of a
-  frame on the right side; both within 1 cm); the feature spread of its image features; and a linear probe of
+  frame on the right side; both within 1 cm); whether it reads its state tokens (``state_swaps``: the side
+  accuracy with the position, the orientation or the whole state taken from another frame, ``STATE_SWAPS``); the
+  feature spread of its image features; and a linear probe of
   those features (``--feature-probe``, on by default: one logistic regression per cube fitted on the training
   frames, scored per distance bin), which says whether a side the model gets wrong is in its image features at
   all. For a released base, after each later stage, and for every fine-tune.
@@ -86,6 +88,10 @@ PROMPTS = {"where": "where is the {name}", "instruction": "pick up the {name}"}
 #: how far the named object lies to the side of the gripper (|y| in whole cm, as the answer states it): the
 #: readout's accuracy per bin says whether the side errors are near the gripper's plane or spread over the table
 DISTANCE_BINS = {"1-2 cm": (1, 2), "3-5 cm": (3, 5), "6-10 cm": (6, 10), "11+ cm": (11, 10_000)}
+#: the state dims the readout swaps between frames (refinevla.schema: end-effector xyz 0-2, roll/pitch/yaw 3-5, pad
+#: and gripper 6-7): if the side accuracy drops when a frame is asked about with another frame's orientation, the
+#: model reads the orientation from its state tokens
+STATE_SWAPS = {"position": (0, 1, 2), "orientation": (3, 4, 5), "all": tuple(range(8))}
 
 
 def distance_bin(row: dict) -> str | None:
@@ -394,6 +400,31 @@ def load_init(init: str, size: str, tok_dir: str, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------------ the two modes
+def swap_state(rows: list[dict], dims, seed: int = 0) -> list[dict]:
+    """The rows with the state dims ``dims`` of another frame: a fixed derangement of the frames (no frame keeps its
+    own), the two rows of a pair moved together, so only the state differs from the true readout."""
+    frames = len(rows) // 2
+    order = np.random.default_rng(seed).permutation(frames)
+    donor = np.empty(frames, np.int64)
+    donor[order] = np.roll(order, 1)  # each frame takes the state of the next in a random cycle
+    dims = list(dims)
+    out = []
+    for i, r in enumerate(rows):
+        state = np.array(r["state"], np.float32)
+        state[dims] = np.asarray(rows[2 * donor[i // 2]]["state"], np.float32)[dims]
+        out.append(dict(r, state=state))
+    return out
+
+
+def side_right(rows: list[dict], answers: list[str]) -> np.ndarray:
+    """bool per row: the answer puts the object on its true side of the gripper (an unparsed answer is wrong)."""
+    from refinevla.grounding import parse_offset, true_cm
+
+    pred = [parse_offset(a) for a in answers]
+    return np.array([p is not None and np.sign(p[1]) == np.sign(true_cm(r["offset_m"])[1])
+                     for p, r in zip(pred, rows)])
+
+
 def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int = 24,
             train_rows: list[dict] | None = None) -> dict:
     """Greedy answers of ``checkpoint`` to "where is the <object>" on ``rows`` (pairs), scored; with ``train_rows``
@@ -418,8 +449,15 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
 
     pred = [parse_offset(a) for a in answers]
     truth = [true_cm(r["offset_m"]) for r in rows]
-    side_ok = np.array([p is not None and np.sign(p[1]) == np.sign(t[1]) for p, t in zip(pred, truth)])
+    side_ok = side_right(rows, answers)
     near = np.array([p is not None and bool(np.all(np.abs(p - t) <= 1)) for p, t in zip(pred, truth)])
+    close = np.array([distance_bin(r) == "1-2 cm" for r in rows])
+    share = lambda ok: float(ok[close].mean()) if close.any() else float("nan")  # noqa: E731
+    swaps = {"true": dict(side_accuracy=float(side_ok.mean()), close=share(side_ok))}
+    for name, dims in STATE_SWAPS.items():  # the same pixels and question, another frame's state
+        ok = side_right(rows, greedy_answers(model, short, swap_state(rows, dims), batch, max_tokens))
+        swaps[name] = dict(side_accuracy=float(ok.mean()), close=share(ok),
+                           changed=float(np.mean(ok != side_ok)))
     images = [r["image"] for r in rows[0::2]]
     return dict(checkpoint=str(checkpoint), kind=meta.get("kind"), size=meta.get("size"),
                 question="where is the <object>", questions=overall["n"], frames=len(rows) // 2,
@@ -428,7 +466,7 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
                 by_colour={c: subset(lambda r, c=c: r["colour"] == c) for c in ("red", "green")},
                 by_side={s: subset(lambda r, s=s: r["side"] == s) for s in ("left", "right")},
                 by_distance={b: subset(lambda r, b=b: distance_bin(r) == b) for b in DISTANCE_BINS},
-                pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near),
+                pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near), state_swaps=swaps,
                 spread=feature_spread(model, images), examples=overall["examples"][:4],
                 feature_probe=linear_side_probe(model, train_rows, rows) if train_rows else None,
                 wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
@@ -567,6 +605,8 @@ def main(argv=None) -> dict:
         print(f"    side accuracy {r['side_accuracy']:.3f}, within 1 cm {r['within_1cm']:.3f}, pairs "
               f"{r['pair_side_consistency']:.3f}, MAE {[round(x, 2) for x in r['mae_cm']]} cm, spread "
               f"{r['spread']:.4f} ({r['wall_s']} s)", flush=True)
+        print("    side accuracy with another frame's state: " + ", ".join(
+            f"{k} {v['side_accuracy']:.3f}" for k, v in r["state_swaps"].items()), flush=True)
         if r["feature_probe"]:
             print(f"    linear probe of the image features: side accuracy {r['feature_probe']['side_accuracy']:.3f}",
                   flush=True)
@@ -588,7 +628,8 @@ def main(argv=None) -> dict:
         frames=dict(heldout=held_info, training=train_info),
         questions={q: dict(answers=list(w), needs=n) for q, (w, n) in QUESTIONS.items()},
         method=("readout: greedy answers to 'where is the <object>' scored by refinevla.grounding.score; pairs: both "
-                "answers of a frame right; train: the whole model, a fresh copy per question, one-token answers, "
+                "answers of a frame right; state swaps: the same rows with the position, orientation or whole state of "
+                "another frame (a fixed derangement); train: the whole model, a fresh copy per question, one-token answers, "
                 "held-out accuracy between the question's two words; spread: std over frames of the image features "
                 "(averaged over tokens and dims) / their mean magnitude, on the held-out frames; feature probe: a logistic "
                 "regression per cube on the flattened image features of the training frames (L2, L-BFGS); ceiling: a logistic "

@@ -86,7 +86,9 @@ def tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                      "accuracy by distance to the side": _by_distance(x.get("by_distance", {})),
                      "image features, linear probe": (
                          f"{x['feature_probe']['side_accuracy']:.2f} ({_by_distance(x['feature_probe']['by_distance'])})"
-                         if x.get("feature_probe") else "")}
+                         if x.get("feature_probe") else ""),
+                     "with another frame's state": ", ".join(f"{k} {v['side_accuracy']:.2f}" for k, v in
+                                                            x.get("state_swaps", {}).items() if k != "true")}
                     for x in r.get("readout", [])]
             rows += [{"mode": "train", "model": x["init"], "question": x["question"], "steps": x["steps"],
                       "accuracy": x["accuracy"], "pairs right": x["pairs_right"], "within 1 cm": None,
@@ -106,7 +108,9 @@ def tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                     f"<object>', accuracy = the side (left / right of the gripper), also per distance of the object to the "
                     f"side (questions in brackets), MAE per axis; image features, linear probe: a logistic regression per cube on "
                     f"the image features the decoder reads, fitted on the training frames (is the side in the features "
-                    f"at all?). Train: the whole "
+                    f"at all?); with another frame's state: the accuracy when each frame is asked about with the "
+                    f"position, the orientation or the whole state of another frame (does the model read them?). "
+                    f"Train: the whole "
                     f"model, {s['steps']} steps at lr {s['lr']:g} on one-word answers to '{s['prompt']}' about "
                     f"{s['frames']} other frames; task = the named cube's side, text_only = the colour named, "
                     f"vision_only = the red cube's side; accuracy between the two words (chance 0.5). Spread: std over "

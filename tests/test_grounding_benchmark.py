@@ -57,6 +57,24 @@ def test_frames_that_cannot_be_asked_about_both_cubes_are_left_out(bench):
 
 
 @pytest.mark.skipif(not (RELEASE / "model.safetensors").exists(), reason="the released base is not here")
+def test_a_state_swap_takes_only_the_named_dims_from_another_frame_and_moves_pairs_together(bench):
+    rows = []
+    for f in range(5):
+        state = np.arange(8, dtype=np.float32) + 10 * f  # frame f's state: 10f, 10f + 1, ...
+        rows += [dict(state=state, frame=f, name=n) for n in ("red cube", "green cube")]
+    swapped = bench.swap_state(rows, bench.STATE_SWAPS["orientation"])
+    donors = []
+    for r, s in zip(rows, swapped):
+        assert s["frame"] == r["frame"] and s["name"] == r["name"]  # the same pixels and question
+        assert np.array_equal(s["state"][[0, 1, 2, 6, 7]], r["state"][[0, 1, 2, 6, 7]])
+        donor = int(s["state"][3] // 10)
+        assert donor != r["frame"] and np.array_equal(s["state"][3:6], rows[2 * donor]["state"][3:6])
+        donors.append(donor)
+    assert donors[0::2] == donors[1::2] and sorted(donors[0::2]) == list(range(5))  # a derangement of the frames
+    assert np.array_equal(rows[0]["state"], np.arange(8))  # the input rows are left as they were
+    assert [s["state"].tolist() for s in bench.swap_state(rows, ())] == [r["state"].tolist() for r in rows]
+
+
 def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # model folders are found from the repository, whatever the working directory
     out = tmp_path / "grounding.json"
@@ -79,6 +97,9 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     assert list(read["by_distance"]) == list(bench.DISTANCE_BINS)  # every question in exactly one bin
     assert sum(v["n"] for v in read["by_distance"].values()) == read["questions"]
     assert len(read["mae_cm"]) == 3 and read["spread"] > 0
+    swaps = read["state_swaps"]  # the same rows asked with another frame's state: does the model read its state?
+    assert list(swaps) == ["true", *bench.STATE_SWAPS] and swaps["true"]["side_accuracy"] == read["side_accuracy"]
+    assert all(0 <= v["side_accuracy"] <= 1 and 0 <= v.get("changed", 0) <= 1 for v in swaps.values())
     probe = read["feature_probe"]  # the image features' own linear readout, fitted on the training frames
     assert probe["train_frames"] == 3 and 0 <= probe["side_accuracy"] <= 1
     assert sum(v["n"] for v in probe["by_distance"].values()) == read["questions"]
