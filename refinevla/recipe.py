@@ -181,7 +181,15 @@ def run_base(cfg, force=()) -> Path:
 
         tok = VLATokenizer.load(parent)
     else:
-        tok = base_tokenizer(recipe_tasks(cfg), *_stats_from(demos), action_chunk=cfg.model.action_chunk)
+        action_stats, state_stats = _stats_from(demos)
+        if g.state_bins == "frames":  # the frames' arm poses too, angles unwrapped (limitations: tried, no gain)
+            from .schema import STATE_ANGLES
+            from .tokens import BinStats
+
+            states = np.concatenate([np.asarray(demos["state"], np.float32),
+                                     np.stack([f["state"] for f in train_frames])])
+            state_stats = BinStats.fit(states, angles=STATE_ANGLES)
+        tok = base_tokenizer(recipe_tasks(cfg), action_stats, state_stats, action_chunk=cfg.model.action_chunk)
 
     # stage (a): VLM pre-training on referring expressions (a continued release: the parent, probed as it is)
     vlm_dir = work / ("parent" if parent else "vlm")

@@ -23,6 +23,8 @@ The ``datasets.Features`` of these columns are defined once, in :func:`row_featu
 from __future__ import annotations
 
 STATE_DIM = 8
+#: the state's angles (radians): the end effector's roll, pitch, yaw (state = eef xyz, roll, pitch, yaw, 0, gripper)
+STATE_ANGLES = (3, 4, 5)
 ACTION_DIM = 7
 
 #: Columns every source must provide.

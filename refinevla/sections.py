@@ -340,6 +340,10 @@ class GroundingConfig(_Checked):
                                     "camera drawn from the frame's own seed; refinevla.scenes)", ge=0.0, le=1.0)
     demo_every: int = opt(2, "stage (b): grounding rows from every k-th frame of the mixture's demonstrations too "
                              "(0: none)", ge=0)
+    state_bins: str = opt("demonstrations", "what the base's state-token bins are fitted on: demonstrations (the "
+                          "release), or frames: the demonstrations and the training frames, the end effector's angles "
+                          "wrapped around their circular mean (tried: no gain; book/limitations.md)",
+                          choices=("demonstrations", "frames"))
     release_dir: str = opt("models/tiny-base", "the released folder (relative: to the repository root)")
     eval_splits: list[str] = opt(help="the splits of the base's own closed-loop success in its model card "
                                       "(evaluate.episodes_per_task each)",

@@ -16,7 +16,7 @@ special and bin tokens; a real PaliGemma checkpoint reuses its ``<locNNNN>`` tok
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,42 +30,67 @@ ACTION_MARKER = "ACTION:"
 # --------------------------------------------------------------------------------------------- bins
 @dataclass
 class BinStats:
-    """Per-dimension normalisation range (q01, q99) and the number of bins; saved with every checkpoint."""
+    """Per-dimension normalisation range (q01, q99) and the number of bins; saved with every checkpoint.
+
+    ``angles``: dimensions that are angles in radians. Each is wrapped into the turn centred on its range
+    (``(low + high) / 2 +- pi``) before it is binned, so a roll just past +pi lands next to one just below it
+    instead of at the other end of the range (a gripper pointing down has roll ~ +-pi)."""
 
     low: list[float]
     high: list[float]
     n_bins: int = N_BINS
+    angles: list[int] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, values: np.ndarray, q: float = 0.01, n_bins: int = N_BINS, symmetric=()) -> "BinStats":
+    def fit(cls, values: np.ndarray, q: float = 0.01, n_bins: int = N_BINS, symmetric=(), angles=()) -> "BinStats":
         """Percentile range of ``values`` [N, D]; a constant dimension gets a unit-wide range around it.
         Dimensions in ``symmetric`` get the range [-m, m] (m the larger end): with an odd ``n_bins``, zero is then
-        the centre of the middle bin (deltas: "do not move" decodes to exactly 0)."""
-        values = np.asarray(values, np.float64)
+        the centre of the middle bin (deltas: "do not move" decodes to exactly 0). Dimensions in ``angles`` are
+        first wrapped into the turn centred on their circular mean."""
+        values = np.array(values, np.float64)
         if values.ndim != 2 or len(values) == 0:
             raise ValueError(f"BinStats.fit needs a non-empty [N, D] array, got shape {values.shape}")
+        for d in angles:
+            centre = np.arctan2(np.sin(values[:, d]).mean(), np.cos(values[:, d]).mean())
+            values[:, d] = _wrap(values[:, d], centre)
         low, high = np.quantile(values, q, axis=0), np.quantile(values, 1 - q, axis=0)
         for d in symmetric:
             m = max(abs(low[d]), abs(high[d]))
             low[d], high[d] = -m, m
         flat = (high - low) < 1e-6
         low, high = np.where(flat, low - 0.5, low), np.where(flat, high + 0.5, high)
-        return cls(low=low.tolist(), high=high.tolist(), n_bins=n_bins)
+        return cls(low=low.tolist(), high=high.tolist(), n_bins=n_bins, angles=[int(d) for d in angles])
+
+    def to_dict(self) -> dict:
+        """As saved (vla_tokens.json): ``angles`` only when there are some, so files without them read the same."""
+        d = asdict(self)
+        return d if d["angles"] else {k: v for k, v in d.items() if k != "angles"}
+
+    def _unwrapped(self, x) -> np.ndarray:
+        x = np.array(x, np.float64)
+        for d in self.angles:
+            x[..., d] = _wrap(x[..., d], (self.low[d] + self.high[d]) / 2)
+        return x
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Continuous values [..., D] -> bin indices in [0, n_bins) (values outside the range are clipped)."""
         low, high = np.asarray(self.low), np.asarray(self.high)
-        unit = (np.asarray(x, np.float64) - low) / (high - low)  # [0, 1] inside the range
+        unit = (self._unwrapped(x) - low) / (high - low)  # [0, 1] inside the range
         return np.clip(np.floor(unit * self.n_bins), 0, self.n_bins - 1).astype(np.int64)
 
     def decode(self, bins: np.ndarray) -> np.ndarray:
-        """Bin indices -> the centre of each bin in the original units (float32)."""
+        """Bin indices -> the centre of each bin in the original units (float32; an angle within its range's turn)."""
         low, high = np.asarray(self.low), np.asarray(self.high)
         unit = (np.asarray(bins, np.float64) + 0.5) / self.n_bins
         return (low + unit * (high - low)).astype(np.float32)
 
     def bin_width(self) -> np.ndarray:
         return (np.asarray(self.high) - np.asarray(self.low)) / self.n_bins
+
+
+def _wrap(angle, centre) -> np.ndarray:
+    """``angle`` (radians) moved by whole turns into [centre - pi, centre + pi)."""
+    return (np.asarray(angle, np.float64) - centre + np.pi) % (2 * np.pi) - np.pi + centre
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -134,7 +159,7 @@ class VLATokenizer:
         meta = dict(action_ids=self.action_ids.tolist(), state_ids=self.state_ids.tolist(),
                     marker_id=self.marker_id, image_id=self.image_id, bos_id=self.bos_id,
                     sep_ids=self.sep_ids, pad_id=self.pad_id, action_chunk=self.action_chunk,
-                    action_stats=asdict(self.action_stats), state_stats=asdict(self.state_stats))
+                    action_stats=self.action_stats.to_dict(), state_stats=self.state_stats.to_dict())
         (out_dir / "vla_tokens.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod

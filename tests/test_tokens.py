@@ -169,3 +169,25 @@ def test_save_and_load_reproduce_statistics_and_ids_exactly(tok, tmp_path):
 def test_load_refuses_a_folder_without_vla_tokens(tmp_path):
     with pytest.raises(FileNotFoundError, match="vla_tokens.json"):
         VLATokenizer.load(tmp_path)
+
+
+def test_an_angle_dimension_does_not_wrap_at_plus_minus_pi():
+    """A gripper pointing down has roll ~ +-pi: a roll just past +pi must land next to one just below it, not at
+    the other end of the range; values are wrapped around the fitted circular mean, and stats saved without the
+    field bin as before."""
+    rng = np.random.default_rng(0)
+    roll = np.pi + rng.normal(0.0, 0.05, 2000)  # half of them past +pi: as measured, they read ~ -3.1
+    measured = (roll + np.pi) % (2 * np.pi) - np.pi
+    x = np.c_[measured, rng.uniform(-1, 1, 2000)]
+    plain, wrapped = BinStats.fit(x), BinStats.fit(x, angles=[0])
+    assert plain.high[0] - plain.low[0] > 6.0  # without wrapping the range spans nearly the whole turn
+    assert wrapped.high[0] - wrapped.low[0] < 0.3 and wrapped.angles == [0]
+    below, past = wrapped.encode(np.array([[np.pi - 0.01, 0.0], [-np.pi + 0.01, 0.0]]))[:, 0]
+    apart = abs(int(below) - int(past)) * wrapped.bin_width()[0]  # as far apart as the angles are (0.02 rad)
+    assert abs(apart - 0.02) <= wrapped.bin_width()[0]
+    decoded = wrapped.decode(wrapped.encode(x))
+    turn_error = np.abs((decoded[:, 0] - x[:, 0] + np.pi) % (2 * np.pi) - np.pi)  # modulo a whole turn
+    assert np.quantile(turn_error, 0.98) <= wrapped.bin_width()[0] / 2 + 1e-5  # inside the range: half a bin (float32)
+    np.testing.assert_array_equal(decoded[:, 1], plain.decode(plain.encode(x))[:, 1])  # other dims: as before
+    saved = {k: v for k, v in vars(plain).items() if k != "angles"}  # a file written before the field existed
+    assert BinStats(**saved) == plain and BinStats(**saved).angles == []
