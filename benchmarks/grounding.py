@@ -20,7 +20,8 @@ Two modes, each optional:
   counterfactual-pair consistency (both answers of a
   frame on the right side; both within 1 cm); whether it reads its state tokens (``state_swaps``: the side
   accuracy with the position, the orientation or the whole state taken from another frame, ``STATE_SWAPS``); the
-  feature spread of its image features; and a linear probe of
+  feature spread of its image features; with several checkpoints, each against the first on the same questions
+  (``paired``: the questions only one of them gets right, McNemar's exact test); and a linear probe of
   those features (``--feature-probe``, on by default: one logistic regression per cube fitted on the training
   frames, scored per distance bin), which says whether a side the model gets wrong is in its image features at
   all. For a released base, after each later stage, and for every fine-tune.
@@ -467,6 +468,7 @@ def readout(checkpoint: str, rows: list[dict], batch: int = 64, max_tokens: int 
                 by_side={s: subset(lambda r, s=s: r["side"] == s) for s in ("left", "right")},
                 by_distance={b: subset(lambda r, b=b: distance_bin(r) == b) for b in DISTANCE_BINS},
                 pair_side_consistency=pair_share(side_ok), pair_within_1cm=pair_share(near), state_swaps=swaps,
+                side_right=side_ok.tolist(),
                 spread=feature_spread(model, images), examples=overall["examples"][:4],
                 feature_probe=linear_side_probe(model, train_rows, rows) if train_rows else None,
                 wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
@@ -610,6 +612,14 @@ def main(argv=None) -> dict:
         if r["feature_probe"]:
             print(f"    linear probe of the image features: side accuracy {r['feature_probe']['side_accuracy']:.3f}",
                   flush=True)
+    from refinevla.stats import mcnemar_exact
+
+    right = [r.pop("side_right") for r in readouts]  # per question: kept for the paired test, not in the file
+    paired = [dict(reference=checkpoints[0], checkpoint=c, **mcnemar_exact(right[0], ok))
+              for c, ok in zip(checkpoints[1:], right[1:])]
+    for p in paired:
+        print(f"  paired with {p['reference']}: {p['checkpoint']} alone right on {p['c']}, the reference alone on "
+              f"{p['b']} of {p['n']} questions (McNemar exact p = {p['p_value']:.3f})", flush=True)
     trained = []
     for init in inits:
         for q in questions:
@@ -635,7 +645,7 @@ def main(argv=None) -> dict:
                 "regression per cube on the flattened image features of the training frames (L2, L-BFGS); ceiling: a logistic "
                 "regression on cubic features of the cube's true pixel centroid (and the gripper's roll, pitch, yaw: "
                 "true, or decoded from the release's state tokens), fitted on the training frames"),
-        readout=readouts, train=trained, ceiling=ceiling, wall_s=round(time.time() - t_start, 1),
+        readout=readouts, paired=paired, train=trained, ceiling=ceiling, wall_s=round(time.time() - t_start, 1),
         cpu_s=round(time.process_time() - c_start, 1),
         when=time.strftime("%Y-%m-%d %H:%M"), versions=library_versions(),
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(), load_avg=list(os.getloadavg())))

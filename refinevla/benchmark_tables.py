@@ -120,6 +120,9 @@ def tables(results: dict) -> list[tuple[str, pd.DataFrame, str]]:
                        f"camera turns with the arm, so next to the gripper the pixels alone do not tell the side. The "
                        f"gripper's orientation lies outside the range of the release's state tokens (clipped to the "
                        f"end bin) in {ceiling['outside_any']:.0%} of the held-out frames." if ceiling else "")
+                    + "".join(f" Paired on the same questions: {p['checkpoint']} alone right on {p['c']}, "
+                              f"{p['reference']} alone on {p['b']} (McNemar exact p = {p['p_value']:.2f})."
+                              for p in r.get("paired", []))
                     + f" {when}; {r['wall_s'] / 60:.1f} min ({r.get('cpu_s', r['wall_s']) / 60:.1f} min of CPU time).")
         else:
             table = pd.json_normalize(r, sep=".").T.rename(columns={0: "value"})

@@ -79,7 +79,8 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # model folders are found from the repository, whatever the working directory
     out = tmp_path / "grounding.json"
     bench.main(["--size", "micro", "--frames", "3", "--heldout-frames", "3", "--steps", "2", "--eval-every", "1",
-                "--train-from", "scratch", "--questions", "task,vision_only", "--out", str(out)])
+                "--train-from", "scratch", "--questions", "task,vision_only", "--out", str(out),
+                "--checkpoint", "models/tiny-base", "--checkpoint", "models/tiny-vla"])
     r = json.loads(out.read_text())
     assert r["benchmark"] == "grounding" and r["settings"]["steps"] == 2 and r["machine"]["cpus"] >= 1
     assert {"torch", "transformers"} <= set(r["versions"]) and r["wall_s"] > 0
@@ -87,7 +88,11 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     assert held["usable"] == 3 and held["rows"] == 6 and held["seeds"][0] == bench.HELDOUT_SEED_OFFSET
     assert r["frames"]["training"]["seeds"][0] == bench.TRAIN_SEED_OFFSET
 
-    [read] = r["readout"]
+    read, other = r["readout"]
+    [paired] = r["paired"]  # the second release against the first, on the same six questions
+    assert (paired["reference"], paired["checkpoint"], paired["n"]) == ("models/tiny-base", "models/tiny-vla", 6)
+    assert paired["c"] - paired["b"] == round(6 * (other["side_accuracy"] - read["side_accuracy"]))
+    assert 0 <= paired["p_value"] <= 1 and "side_right" not in read
     assert read["checkpoint"].endswith("tiny-base") and read["questions"] == 6 and read["frames"] == 3
     shares = [read[k] for k in ("answered", "side_accuracy", "within_1cm", "exact", "pair_side_consistency",
                                 "pair_within_1cm")]
@@ -119,10 +124,11 @@ def test_a_micro_run_writes_the_result_file_the_book_reads(bench, tmp_path, monk
     from refinevla import benchmark_tables
 
     [(name, table, note)] = benchmark_tables.tables({"grounding": r})
-    assert name == "grounding" and len(table) == 6 and list(table["mode"]) == ["readout"] + ["train"] * 2 + ["ceiling"] * 3
+    assert name == "grounding" and len(table) == 7
+    assert list(table["mode"]) == ["readout"] * 2 + ["train"] * 2 + ["ceiling"] * 3
     shown = table.loc[table["mode"] == "readout", "accuracy by distance to the side"].iloc[0]
     assert [part.split(":")[0] for part in shown.split(", ")] == [b for b, v in read["by_distance"].items() if v["n"]]
-    assert "held-out" in note
+    assert "held-out" in note and "models/tiny-vla alone right on" in note
 
 
 def test_the_ceiling_finds_the_side_when_it_needs_the_orientation_as_well_as_the_pixels(bench):
