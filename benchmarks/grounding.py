@@ -47,7 +47,7 @@ held-out frames, [frames, tokens, dims]: the standard deviation over frames, ave
 by the mean absolute feature. 0 means every frame gives the same features: the decoder cannot tell frames apart.
 
 Time at the default size (one torch thread), with both releases read out (the committed result:
-``--checkpoint models/tiny-base --checkpoint models/tiny-vla``): 6.2 min of CPU time, 6.6 min of wall time beside
+``--checkpoint models/tiny-base --checkpoint models/tiny-vla``): 6.1 min of CPU time, 6.1 min of wall time beside
 another busy job on 2 cores (2026-12-07, results/grounding.json); the result file records both (``wall_s``,
 ``cpu_s``, per run and the median step).
 """
