@@ -25,6 +25,8 @@ EPISODE_KEYS = ("images", "target_masks", "states", "actions", "phases", "object
 #:   evaluation, in-distribution scenes (evaluate.base_seed)                  -> 10_000 .. 19_999
 #:   evaluation, variant scenes (evaluate.variant_base_seed)                  -> 20_000 .. 29_999
 #:   pre-training demos 30_000 + [seed*1000, seed*1000 + n)                   -> 30_000 .. 39_999
+#:   (frames, not episodes: grounding training 40_000 .. 44_999 and 60_000 .. 69_999, its probe 45_000 .. 49_999
+#:   (refinevla.grounding); the grounding benchmark's 50_000 .. 51_999 (benchmarks/grounding.py))
 PRETRAIN_SEED_OFFSET = 30_000
 
 

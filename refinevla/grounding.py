@@ -30,8 +30,11 @@ from .scenes import randomized
 from .sequences import join, pad
 from .teacher.privileged import MAX_CM, describe_offset, parse_offset
 
-#: grounding frames: seeds SEED_OFFSET + i (training), PROBE_SEED_OFFSET + i (the held-out probe); below 50_000
+#: grounding frames: seeds SEED_OFFSET + i (training), PROBE_SEED_OFFSET + i (the held-out probe); below 50_000.
+#: Training frames past MAX_FRAMES continue on EXTRA_SEED_OFFSET + i (60_000..69_999; 50_000..51_999 are the
+#: grounding benchmark's), up to MAX_TRAIN_FRAMES in all
 SEED_OFFSET, PROBE_SEED_OFFSET, MAX_FRAMES = 40_000, 45_000, 5_000
+EXTRA_SEED_OFFSET, MAX_TRAIN_FRAMES = 60_000, 15_000
 
 
 def question(name: str) -> str:
@@ -40,9 +43,13 @@ def question(name: str) -> str:
 
 
 def frame_seeds(n: int, probe: bool = False) -> list[int]:
-    if not 0 < n <= MAX_FRAMES:
-        raise ValueError(f"grounding frames={n}: expected 1..{MAX_FRAMES} (the seed range of one split)")
-    return [(PROBE_SEED_OFFSET if probe else SEED_OFFSET) + i for i in range(n)]
+    """Seeds of the first ``n`` training frames (or probe frames): module constants above."""
+    most = MAX_FRAMES if probe else MAX_TRAIN_FRAMES
+    if not 0 < n <= most:
+        raise ValueError(f"grounding {'probe_frames' if probe else 'frames'}={n}: expected 1..{most} (its seed range)")
+    if probe:
+        return [PROBE_SEED_OFFSET + i for i in range(n)]
+    return [SEED_OFFSET + i if i < MAX_FRAMES else EXTRA_SEED_OFFSET + i - MAX_FRAMES for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ frames

@@ -110,7 +110,7 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
     import torch
     import transformers
 
-    from .grounding import PROBE_SEED_OFFSET, SEED_OFFSET
+    from .grounding import EXTRA_SEED_OFFSET, MAX_FRAMES, PROBE_SEED_OFFSET, SEED_OFFSET
 
     out = Path(cfg.grounding.release_dir)
     out = out if out.is_absolute() else REPO / out
@@ -130,7 +130,9 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
         recipe=dict(preset_sections={s: dataclasses.asdict(getattr(cfg, s))
                                      for s in ("data", "model", "vlm", "pretrain", "grounding", "evaluate")},
                     command="make base"),
-        seeds=dict(grounding_train=[SEED_OFFSET, SEED_OFFSET + cfg.grounding.frames - 1],
+        seeds=dict(grounding_train=[SEED_OFFSET, SEED_OFFSET + min(cfg.grounding.frames, MAX_FRAMES) - 1],
+                   **({"grounding_train_extra": [EXTRA_SEED_OFFSET, EXTRA_SEED_OFFSET + cfg.grounding.frames
+                                                 - MAX_FRAMES - 1]} if cfg.grounding.frames > MAX_FRAMES else {}),
                    grounding_probe=[PROBE_SEED_OFFSET, PROBE_SEED_OFFSET + cfg.grounding.probe_frames - 1],
                    pretrain_mix=dict(cfg.data.pretrain_mix), vocabulary=[VOCAB_SEEDS.start, VOCAB_SEEDS.stop - 1],
                    pretrain_variant_share=cfg.data.pretrain_variant_share,

@@ -329,8 +329,8 @@ class GroundingConfig(_Checked):
     actions with the grounding rows mixed in (``pretrain`` section), then the held-out probe and the base's own
     closed-loop success (``evaluate`` section), all written into one folder."""
 
-    frames: int = opt(4000, "rendered frames of stage (a): initial scenes of the grounding tasks on seeds 40_000+, "
-                            "the arm moved by arm_noise", ge=1, le=5000)
+    frames: int = opt(4000, "rendered frames of stage (a): initial scenes of the grounding tasks on seeds 40_000+ "
+                            "(past 5,000: 60_000+), the arm moved by arm_noise", ge=1, le=15000)
     probe_frames: int = opt(400, "held-out frames of the probe, seeds 45_000+ (never trained on)", ge=1, le=5000)
     tasks: list[str] = opt(help="tasks whose scenes the grounding frames show",
                            factory=lambda: ["pick_cube", "lift", "stack"])

@@ -179,3 +179,17 @@ def test_a_small_recipe_releases_a_base_and_resumes_after_kill(tmp_path):
     assert (vla_out / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
     assert vla["probe"]["a"]["n"] > 0  # the parent, probed before it is trained further
     assert "continued" in (vla_out / "README.md").read_text()
+
+
+def test_training_frames_past_the_first_range_take_their_own_seeds_outside_every_other():
+    from refinevla import grounding
+
+    seeds = grounding.frame_seeds(12_000)
+    assert seeds[:5_000] == list(range(40_000, 45_000)) and seeds[5_000:] == list(range(60_000, 67_000))
+    assert grounding.frame_seeds(4_000) == list(range(40_000, 44_000))  # the release's frames, unchanged
+    probe = set(grounding.frame_seeds(5_000, probe=True))
+    assert not probe & set(seeds) and not set(range(50_000, 52_000)) & set(seeds)  # probe, grounding benchmark
+    with pytest.raises(ValueError, match="frames=15001"):
+        grounding.frame_seeds(15_001)
+    with pytest.raises(ValueError, match="probe_frames=5001"):
+        grounding.frame_seeds(5_001, probe=True)
