@@ -89,12 +89,13 @@ def base_recipe_table(manifest: dict) -> pd.DataFrame:
         own = base_recipe_table({k: v for k, v in manifest.items() if k != "parent_manifest"})
         own = own.drop(index="stage (a) VLM").rename(index={"stage (b) VLA": CONTINUED})
         return pd.concat([rows, own.rename(index=lambda i: f"{manifest.get('name', 'base')}: {i}")])
+    from .release import train_seed_text
+
     r = manifest.get("recipe", {}).get("preset_sections", {})
     d, seeds, t = manifest.get("data", {}), manifest.get("seeds", {}), manifest.get("timings_s", {})
     g, mix = r.get("grounding", {}), r.get("data", {}).get("pretrain_mix", {})
     losses = manifest.get("losses", {})
     last = lambda stage: (losses.get(stage) or [{}])[-1]
-    span = lambda key: "-".join(str(s) for s in seeds.get(key, [])[:2])
     minutes = lambda key: round(t[key] / 60, 1) if _finite(t.get(key)) else None
     fmt = lambda v: f"{v:.3f}" if _finite(v) else "?"
     lr = lambda v: f"{v:g}" if _finite(v) else ""  # as text: 2e-4 survives report.tidy's rounding
@@ -102,7 +103,7 @@ def base_recipe_table(manifest: dict) -> pd.DataFrame:
     rows = {
         "stage (a) VLM": {
             "data": f"{d.get('grounding_rows')} grounding questions about {g.get('frames')} rendered frames of "
-                    f"{', '.join(g.get('tasks', []))} (seeds {span('grounding_train')})",
+                    f"{', '.join(g.get('tasks', []))} (seeds {train_seed_text(seeds)})",
             "steps": a.get("steps"), "batch": a.get("batch_size"), "peak lr": lr(a.get("lr")),
             "minutes": minutes("stage_a_s"), "result": f"final grounding loss {fmt(last('vlm').get('l_reason'))}"},
         "stage (b) VLA": {

@@ -160,6 +160,12 @@ def write_release(cfg, work: Path, train_rows: list[dict], n_probe_rows: int, su
     return out
 
 
+def train_seed_text(seeds: dict) -> str:
+    """The seeds of a manifest's grounding training frames as a card shows them: "40000-43999", and the range past
+    5,000 frames when there is one ("40000-44999, 60000-66999")."""
+    return ", ".join(f"{r[0]}-{r[1]}" for r in (seeds.get("grounding_train"), seeds.get("grounding_train_extra")) if r)
+
+
 def model_card(m: dict) -> str:
     """README.md of the release: what it is, how it was made, what it can do (numbers from the manifest)."""
     r, s, t = m["recipe"]["preset_sections"], m["closed_loop"], m["timings_s"]
@@ -198,8 +204,7 @@ mixed in. It plays the role SpatialVLA plays in the paper: the pre-trained VLA t
 `make base`; every number below comes from that run ({m['created']}, {m['environment']['machine']}, torch
 {m['environment']['torch']}, {threads})."""
         stage_a = (f"| (a) VLM | {m['data']['grounding_rows']} questions about {r['grounding']['frames']} rendered frames of "
-                   f"{', '.join(r['grounding']['tasks'])} (seeds {m['seeds']['grounding_train'][0]}-"
-                   f"{m['seeds']['grounding_train'][1]}, arm joints moved by N(0, {r['grounding']['arm_noise']}) rad) | "
+                   f"{', '.join(r['grounding']['tasks'])} (seeds {train_seed_text(m['seeds'])}, arm joints moved by N(0, {r['grounding']['arm_noise']}) rad) | "
                    f"{r['vlm']['steps']} | {r['vlm']['batch_size']} | {r['vlm']['lr']} | {r['vlm']['warmup_steps']} "
                    f"warm-up, cosine to {r['vlm']['min_lr_ratio']}x |")
     last = lambda stage, key: (m['losses'][stage][-1].get(key, float('nan')) if m['losses'][stage] else float('nan'))

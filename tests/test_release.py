@@ -193,3 +193,9 @@ def test_training_frames_past_the_first_range_take_their_own_seeds_outside_every
         grounding.frame_seeds(15_001)
     with pytest.raises(ValueError, match="probe_frames=5001"):
         grounding.frame_seeds(5_001, probe=True)
+
+
+def test_a_card_names_both_seed_ranges_of_its_grounding_frames():
+    assert release.train_seed_text({"grounding_train": [40000, 43999]}) == "40000-43999"
+    assert release.train_seed_text({"grounding_train": [40000, 44999], "grounding_train_extra": [60000, 66999]}) == \
+        "40000-44999, 60000-66999"
